@@ -1,0 +1,1 @@
+"""flowrl: GRPO fine-tuning of flow-matching text-to-image models."""

@@ -1,0 +1,355 @@
+"""One config tree of typed dataclasses, validated eagerly.
+
+Sources, later wins: dataclass defaults (the embedded CPU default) -> ``--algorithm`` preset -> ``--config`` YAML
+(nested sections) -> command-line flags (diffusers names; every leaf field is a flag ``--<field>``, leaf names are
+unique across sections). Every error names the bad key or value and what is allowed, before any heavy work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names it and what is allowed."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    pretrained_model_name_or_path: str = "embedded"
+    """diffusers pipeline: hub id, local directory, or ``embedded`` (the tiny SD3 model shipped with flowrl)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit)."""
+    variant: str | None = None
+    """Weight file variant, e.g. ``fp16``."""
+    cache_dir: str | None = None
+    """Hub cache directory."""
+    resolution: int | None = None
+    """Image side in pixels; None = the model's default (``flowrl_defaults.json`` or the transformer's sample size)."""
+    max_sequence_length: int | None = None
+    """T5 tokens (SD3); None = the model's default (4 for the embedded model, 256 otherwise)."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Weight dtype of frozen modules and autocast for the trainable ones; log-prob math is always fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute transformer activations in backward to save memory."""
+    rank: int = 32
+    """LoRA rank; 0 = full fine-tuning of the transformer."""
+    lora_alpha: float | None = None
+    """LoRA alpha; None = equal to the rank (scale 1)."""
+    lora_target_modules: list[str] | None = None
+    """Modules that get LoRA; None = the family preset (SD3: attention projections of both streams)."""
+    lora_on_ff: bool = False
+    """Add the feed-forward layers to the preset targets."""
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    num_inference_steps: int = 10
+    """Sampling steps T per trajectory during training."""
+    guidance_scale: float | None = None
+    """True CFG scale in sampling; None = the model's default (embedded: 3.0; SD3.5 recipes: 4.5)."""
+    train_cfg: bool = True
+    """Use CFG when rescoring in training too (off = CFG-free training, 'CFG distillation')."""
+    same_noise_per_group: bool = False
+    """All samples of a prompt start from the same initial noise (MixGRPO's shared noise)."""
+
+
+@dataclasses.dataclass
+class PlanConfig:
+    plan: Literal["full", "window"] = "full"
+    """``full``: Flow-GRPO SDE on every step; ``window``: SDE and training only inside a window (Flow-GRPO-Fast)."""
+    step_kind: Literal["sde", "cps", "dance"] = "sde"
+    """Stochastic step: Flow-GRPO SDE, Coefficients-Preserving Sampling, DanceGRPO."""
+    noise_level: float = 0.7
+    """SDE noise scale (a for Flow-GRPO, eta for CPS/DanceGRPO)."""
+    train_fraction: float = 0.4
+    """``full`` plan: train on the first ceil(fraction * T) steps (Flow-GRPO's timestep_fraction)."""
+    ode_after_train: bool = False
+    """``full`` plan: untrained tail steps are ODE."""
+    window_size: int = 4
+    """``window`` plan: w."""
+    window_start: int = 0
+    """``window`` plan: l at iteration 0."""
+    window_schedule: Literal["fixed", "random", "progressive", "decay", "exp_decay"] = "fixed"
+    """``window`` plan: how l moves over iterations."""
+    window_tau: int = 25
+    """Iterations per window position (progressive schedules)."""
+    window_shift: int = 1
+    """Steps the window moves each time."""
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    prompts_per_step: int = 8
+    """Prompts per optimizer step (per process)."""
+    group_size: int = 8
+    """Samples per prompt (G)."""
+    sample_batch_size: int = 32
+    """Sampling batch = training micro-batch (SD3 output depends on batch composition); divides prompts*group."""
+    std_mode: Literal["group", "global"] = "group"
+    """Advantage std per group or over the whole batch."""
+    adv_clip_max: float = 5.0
+    """Advantages are clamped to +-this."""
+    clip_range: float = 1e-4
+    """PPO clip epsilon (lower side; also upper unless clip_range_high)."""
+    clip_range_high: float | None = None
+    """Upper clip epsilon (clip-higher); None = clip_range."""
+    beta: float = 0.0
+    """KL-to-reference weight (Flow-GRPO: 0.04 GenEval, 0.01 PickScore)."""
+    num_inner_epochs: int = 1
+    """Passes of updates over each batch of samples."""
+    reward_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    """Multi-reward: weighted sum then group-normalise, or normalise each then weighted sum (MixGRPO)."""
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    learning_rate: float = 3e-4
+    """AdamW learning rate."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip."""
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = 0
+    gradient_accumulation_steps: int | None = None
+    """Micro-batches per optimizer step; None = all micro-batches of the step's samples (one update per batch)."""
+    use_ema: bool = True
+    """Keep an EMA of the trained weights; evaluation and export use it."""
+    ema_decay: float = 0.9
+    """EMA decay per optimizer step."""
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    eval_steps: int = 25
+    """Evaluate every N optimizer steps (and before training, at step 0); 0 = never."""
+    eval_num_inference_steps: int = 10
+    """ODE steps for evaluation."""
+    eval_guidance_scale: float | None = None
+    """CFG scale for evaluation; None = the sampling guidance."""
+    eval_sets: list[str] = dataclasses.field(default_factory=lambda: ["eval", "heldout"])
+    """Prompt sets: ``eval`` (training distribution, unseen seeds), ``heldout`` (compositional split) or files."""
+    eval_images_per_prompt: int = 2
+    """Images per prompt; seeds are fixed per (prompt index, image index)."""
+    eval_seed: int = 1_000_000
+    """Base seed of evaluation noise (disjoint from training seeds)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    output_dir: str = "outputs/flowrl"
+    """Where checkpoints, the LoRA, metrics.jsonl, logs and grids go."""
+    algorithm: str | None = None
+    """Preset name (``flowrl train --help`` lists them); its parts are applied before the YAML and flags."""
+    seed: int = 0
+    max_train_steps: int = 100
+    """Optimizer steps."""
+    checkpointing_steps: int = 50
+    """Save ``checkpoint-{step}`` every N steps (0 = only at the end)."""
+    checkpoints_total_limit: int | None = 2
+    """Keep at most this many checkpoints."""
+    resume_from_checkpoint: str | None = None
+    """``latest`` or a checkpoint path."""
+    report_to: Literal["tensorboard", "none", "all", "wandb"] = "tensorboard"
+    prompts: str = "scenes:train"
+    """Training prompts: ``scenes:train`` or a .txt (one per line) / .jsonl (``{"prompt": ...}``) file."""
+    rewards: dict[str, float] = dataclasses.field(default_factory=lambda: {"scenes": 1.0})
+    """Reward name (or module:attr) -> weight."""
+    max_time_minutes: float | None = None
+    """Stop (with a checkpoint and export) after this wall-clock budget."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    plan: PlanConfig = dataclasses.field(default_factory=PlanConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+
+SECTIONS = ("model", "sampling", "plan", "grpo", "optim", "eval")
+
+
+# ------------------------------------------------------------------------------------------------------ typing
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check (and gently coerce int -> float) ``value`` against annotation ``tp``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin in (typing.Union, types.UnionType):
+        for arg in get_args(tp):
+            ok, v = _type_ok(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if origin is Literal:
+        return value in get_args(tp), value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        (arg,) = get_args(tp)
+        out = []
+        for x in value:
+            ok, v = _type_ok(x, arg)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, out
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False, value
+        kt, vt = get_args(tp)
+        out = {}
+        for k, x in value.items():
+            ok1, k2 = _type_ok(k, kt)
+            ok2, v2 = _type_ok(x, vt)
+            if not (ok1 and ok2):
+                return False, value
+            out[k2] = v2
+        return True, out
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        return False, value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    return isinstance(value, tp), value
+
+
+def _describe(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return str(tp).replace("typing.", "")
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def leaf_index() -> dict[str, tuple[str | None, str, Any]]:
+    """flag name -> (section or None, field, annotation) for every leaf field."""
+    out: dict[str, tuple[str | None, str, Any]] = {}
+    top = _hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in SECTIONS:
+            for g in dataclasses.fields(getattr(TrainConfig, "__dataclass_fields__")[f.name].default_factory()):
+                sec_cls = type(getattr(TrainConfig(), f.name))
+                assert g.name not in out, f"duplicate leaf {g.name}"
+                out[g.name] = (f.name, g.name, _hints(sec_cls)[g.name])
+        else:
+            out[f.name] = (None, f.name, top[f.name])
+    return out
+
+
+def set_value(cfg: TrainConfig, key: str, value: Any, source: str) -> None:
+    """Set a leaf by flat name (``learning_rate``) or dotted path (``optim.learning_rate``), type-checked."""
+    index = leaf_index()
+    name = key.split(".")[-1]
+    if name not in index or ("." in key and key.split(".")[0] != index[name][0]):
+        close = [k for k in index if name[:4] in k][:5]
+        raise ConfigError(f"unknown config key {key!r} in {source}" + (f"; did you mean {close}?" if close else ""))
+    section, field, tp = index[name]
+    ok, v = _type_ok(value, tp)
+    if not ok and value is None:  # "--report_to none": the literal string, not null
+        ok, v = _type_ok("none", tp)
+    if not ok:
+        raise ConfigError(f"{source}: {key} = {value!r} has the wrong type; expected {_describe(tp)}")
+    setattr(getattr(cfg, section) if section else cfg, field, v)
+
+
+def apply_mapping(cfg: TrainConfig, data: dict, source: str) -> None:
+    """Apply a (possibly nested) mapping of overrides."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
+    for k, v in data.items():
+        if k in SECTIONS and isinstance(v, dict):
+            for k2, v2 in v.items():
+                set_value(cfg, f"{k}.{k2}", v2, source)
+        else:
+            set_value(cfg, str(k), v, source)
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text") from None
+    return data or {}
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Range and consistency checks. Raises :class:`ConfigError` naming the value and what is allowed."""
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    g, s, p, o, m, e = cfg.grpo, cfg.sampling, cfg.plan, cfg.optim, cfg.model, cfg.eval
+    need(cfg.max_train_steps >= 1, f"max_train_steps must be >= 1, got {cfg.max_train_steps}")
+    need(cfg.checkpointing_steps >= 0, f"checkpointing_steps must be >= 0, got {cfg.checkpointing_steps}")
+    need(cfg.checkpoints_total_limit is None or cfg.checkpoints_total_limit >= 1,
+         f"checkpoints_total_limit must be >= 1 or null, got {cfg.checkpoints_total_limit}")
+    need(bool(cfg.rewards), "at least one reward is needed (e.g. --reward scenes)")
+    for name, w in cfg.rewards.items():
+        need(w == w and abs(w) < float("inf"), f"reward weight of {name!r} must be finite, got {w}")
+    need(g.group_size >= 2, f"group_size must be >= 2 (advantages compare samples within a group), got {g.group_size}")
+    need(g.prompts_per_step >= 1, f"prompts_per_step must be >= 1, got {g.prompts_per_step}")
+    total = g.prompts_per_step * g.group_size
+    need(g.sample_batch_size >= 1 and total % g.sample_batch_size == 0,
+         f"sample_batch_size={g.sample_batch_size} must divide prompts_per_step*group_size={total}")
+    need(0 < g.clip_range < 1, f"clip_range must be in (0, 1), got {g.clip_range}")
+    need(g.clip_range_high is None or 0 < g.clip_range_high < 10, f"clip_range_high must be in (0, 10), got {g.clip_range_high}")
+    need(g.beta >= 0, f"beta must be >= 0, got {g.beta}")
+    need(g.adv_clip_max > 0, f"adv_clip_max must be > 0, got {g.adv_clip_max}")
+    need(g.num_inner_epochs >= 1, f"num_inner_epochs must be >= 1, got {g.num_inner_epochs}")
+    need(1 <= s.num_inference_steps <= 1000, f"num_inference_steps must be in [1, 1000], got {s.num_inference_steps}")
+    need(s.guidance_scale is None or s.guidance_scale >= 1.0, f"guidance_scale must be >= 1, got {s.guidance_scale}")
+    need(p.noise_level > 0, f"noise_level must be > 0, got {p.noise_level}")
+    need(0 < p.train_fraction <= 1, f"train_fraction must be in (0, 1], got {p.train_fraction}")
+    if p.plan == "window":
+        need(1 <= p.window_size <= s.num_inference_steps,
+             f"window_size must be in [1, num_inference_steps={s.num_inference_steps}], got {p.window_size}")
+        need(0 <= p.window_start <= s.num_inference_steps - p.window_size,
+             f"window_start must be in [0, {s.num_inference_steps - p.window_size}], got {p.window_start}")
+    need(o.learning_rate > 0, f"learning_rate must be > 0, got {o.learning_rate}")
+    need(o.max_grad_norm > 0, f"max_grad_norm must be > 0, got {o.max_grad_norm}")
+    need(0 <= o.ema_decay < 1, f"ema_decay must be in [0, 1), got {o.ema_decay}")
+    need(o.gradient_accumulation_steps is None or o.gradient_accumulation_steps >= 1,
+         f"gradient_accumulation_steps must be >= 1 or null, got {o.gradient_accumulation_steps}")
+    need(m.rank >= 0, f"rank must be >= 0 (0 = full fine-tuning), got {m.rank}")
+    need(m.resolution is None or (m.resolution >= 8 and m.resolution % 8 == 0),
+         f"resolution must be a multiple of 8, got {m.resolution}")
+    need(e.eval_steps >= 0, f"eval_steps must be >= 0, got {e.eval_steps}")
+    need(e.eval_images_per_prompt >= 1, f"eval_images_per_prompt must be >= 1, got {e.eval_images_per_prompt}")
+    need(cfg.max_time_minutes is None or cfg.max_time_minutes > 0, f"max_time_minutes must be > 0, got {cfg.max_time_minutes}")
+    return cfg
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> TrainConfig:
+    cfg = TrainConfig()
+    apply_mapping(cfg, data, "saved config")
+    return validate(cfg)

@@ -1,0 +1,261 @@
+"""Policy over a diffusers ``StableDiffusion3Pipeline`` (SD3, SD3.5, and the embedded tiny model).
+
+Follows the stock pipeline exactly where it matters for reproducibility: prompt encoding through
+``pipe.encode_prompt``, timesteps ``sigma * 1000``, true CFG as ``v_u + g (v_c - v_u)`` on a doubled batch, the
+scheduler's own sigmas, and decoding ``vae.decode(x / scaling + shift)`` then ``x / 2 + 0.5`` clamped to [0, 1].
+LoRA is a peft adapter on the transformer (diffusers' ``add_adapter``); the reference policy is the same transformer
+with the adapter disabled. The exported LoRA loads into a stock pipeline with ``pipe.load_lora_weights(dir)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .base import Cond
+
+SD3_LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
+"""Flow-GRPO's SD3.5 LoRA targets: the joint attention projections of both streams."""
+
+SD3_LORA_TARGETS_WITH_FF = SD3_LORA_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+
+
+class SD3Policy:
+    """Stable Diffusion 3 adapter. See the module docstring; shapes on each method."""
+
+    def __init__(
+        self,
+        pipe,
+        *,
+        lora_rank: int | None = 32,
+        lora_alpha: float | None = None,
+        lora_targets: tuple[str, ...] | list[str] = SD3_LORA_TARGETS,
+        max_sequence_length: int = 256,
+        negative_prompt: str = "",
+        weight_dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        gradient_checkpointing: bool = False,
+        need_reference: bool = False,
+    ) -> None:
+        self.pipe = pipe
+        self.device = torch.device(device)
+        self.weight_dtype = weight_dtype
+        self.max_sequence_length = max_sequence_length
+        self.negative_prompt = negative_prompt
+        self.transformer = pipe.transformer
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+            m = getattr(pipe, name, None)
+            if m is not None:
+                m.requires_grad_(False).eval()
+                m.to(self.device, dtype=torch.float32 if name == "vae" else weight_dtype)  # VAE in fp32
+        self.transformer.eval()  # no dropout: sampling and training must see the same function
+        self.full_finetune = lora_rank is None
+        self._ref_model = None
+        if self.full_finetune:
+            self.transformer.requires_grad_(True).to(self.device, dtype=torch.float32)
+            if need_reference:
+                self._ref_model = copy.deepcopy(self.transformer).requires_grad_(False).to(dtype=weight_dtype)
+        else:
+            from peft import LoraConfig
+
+            self.transformer.requires_grad_(False).to(self.device, dtype=weight_dtype)
+            self.transformer.add_adapter(
+                LoraConfig(
+                    r=lora_rank,
+                    lora_alpha=lora_alpha if lora_alpha is not None else lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=list(lora_targets),
+                )
+            )
+            for p in self.transformer.parameters():  # LoRA weights train in fp32 whatever the base dtype
+                if p.requires_grad:
+                    p.data = p.data.float()
+        if gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self._neg: tuple[Tensor, Tensor] | None = None
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        revision: str | None = None,
+        variant: str | None = None,
+        cache_dir: str | None = None,
+        **kwargs,
+    ) -> "SD3Policy":
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, revision=revision, variant=variant, cache_dir=cache_dir)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------ the interface
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Cond:
+        """Prompt (and negative prompt) embeddings, one row per prompt: embeds [N, L, D], pooled [N, P]."""
+        from diffusers.utils import logging as dlogging
+
+        level = dlogging.get_verbosity()
+        dlogging.set_verbosity_error()  # a short T5 slot makes the pipeline warn about truncation on every call
+        try:
+            return self._encode(prompts)
+        finally:
+            dlogging.set_verbosity(level)
+
+    def _encode(self, prompts: list[str]) -> Cond:
+        pe, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=prompts,
+            prompt_3=prompts,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        if self._neg is None:
+            neg = [self.negative_prompt]
+            ne, _, npooled, _ = self.pipe.encode_prompt(
+                prompt=neg, prompt_2=neg, prompt_3=neg, device=self.device, do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length,
+            )
+            self._neg = (ne, npooled)
+        ne, npooled = self._neg
+        n = len(prompts)
+        return Cond(pe, pooled, ne.expand(n, -1, -1), npooled.expand(n, -1))
+
+    def _forward(self, model, x: Tensor, t: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
+        return model(
+            hidden_states=x.to(self.weight_dtype),
+            encoder_hidden_states=embeds.to(self.weight_dtype),
+            pooled_projections=pooled.to(self.weight_dtype),
+            timestep=t,
+            return_dict=False,
+        )[0].float()
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond, guidance_scale: float = 1.0) -> Tensor:
+        """v(x, sigma | cond) with true CFG when ``guidance_scale > 1``.
+
+        Args:
+            x: [B, C, H, W] latents at ``sigma``.
+            sigma: scalar or [B] in [0, 1]; the transformer sees ``timestep = sigma * 1000`` as in diffusers.
+            cond: rows aligned with ``x``.
+            guidance_scale: CFG scale g; the uncond pass uses the negative prompt. 1 = no CFG (one pass).
+
+        Returns:
+            [B, C, H, W] fp32 velocity (``eps - x0`` convention).
+        """
+        model = self._ref_model if (self._ref_model is not None and self._use_ref) else self.transformer
+        B = x.shape[0]
+        t = (sigma.float() * 1000).expand(B) if sigma.dim() == 0 else sigma.float() * 1000
+        if guidance_scale == 1.0 or cond.neg_embeds is None:
+            return self._forward(model, x, t, cond.embeds, cond.pooled)
+        v = self._forward(
+            model,
+            torch.cat([x, x]),
+            torch.cat([t, t]),
+            torch.cat([cond.neg_embeds, cond.embeds]),
+            torch.cat([cond.neg_pooled, cond.pooled]),
+        )
+        v_u, v_c = v.chunk(2)
+        return v_u + guidance_scale * (v_c - v_u)
+
+    _use_ref = False
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Within this context the policy is the reference model (LoRA disabled, or the frozen copy)."""
+        if self.full_finetune:
+            if self._ref_model is None:
+                raise RuntimeError("full fine-tuning without a reference copy: build the policy with need_reference=True")
+            self._use_ref = True
+            try:
+                yield self
+            finally:
+                self._use_ref = False
+        else:
+            self.transformer.disable_adapters()
+            try:
+                yield self
+            finally:
+                self.transformer.enable_adapters()
+
+    @torch.no_grad()
+    def decode(self, x: Tensor) -> Tensor:
+        """Latents [B, C, h, w] -> images [B, 3, H, W] float32 in [0, 1] (VAE in fp32)."""
+        vae = self.pipe.vae
+        z = x.float() / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        img = vae.decode(z, return_dict=False)[0]
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        f = self.pipe.vae_scale_factor
+        return (self.transformer.config.in_channels, resolution // f, resolution // f)
+
+    def sigmas(self, num_steps: int, resolution: int | None = None) -> Tensor:
+        """The scheduler's sigma schedule for ``num_steps`` steps (``num_steps + 1`` values, ending at 0)."""
+        sched = copy.deepcopy(self.pipe.scheduler)
+        sched.set_timesteps(num_steps, device="cpu")
+        return sched.sigmas.float().clone()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The trained weights by name (LoRA layers, or the whole transformer when fully fine-tuned)."""
+        return {n: p.detach() for n, p in self.transformer.named_parameters() if p.requires_grad}
+
+    # ------------------------------------------------------------------------------------------------ export
+    def save_lora(self, output_dir: str | Path) -> Path:
+        """Write ``pytorch_lora_weights.safetensors`` with ``StableDiffusion3Pipeline.save_lora_weights`` (keys
+        ``transformer.*``, adapter metadata included so ``load_lora_weights`` restores alpha). Full fine-tunes save
+        the transformer in diffusers format instead."""
+        from diffusers import StableDiffusion3Pipeline
+
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.full_finetune:
+            self.transformer.save_pretrained(out / "transformer")
+            return out / "transformer"
+        from peft.utils import get_peft_model_state_dict
+
+        layers = get_peft_model_state_dict(self.transformer)
+        StableDiffusion3Pipeline.save_lora_weights(
+            out,
+            transformer_lora_layers=layers,
+            transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
+        )
+        return out / "pytorch_lora_weights.safetensors"
+
+    def load_lora(self, lora_dir: str | Path) -> None:
+        """Load weights written by :meth:`save_lora` into this policy's adapter."""
+        from diffusers import StableDiffusion3Pipeline
+        from peft.utils import set_peft_model_state_dict
+
+        sd = StableDiffusion3Pipeline.lora_state_dict(str(lora_dir))
+        sd = sd[0] if isinstance(sd, tuple) else sd
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")}
+        res = set_peft_model_state_dict(self.transformer, sd)
+        unexpected = getattr(res, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"LoRA in {str(lora_dir)!r} does not match this model: unexpected keys {unexpected[:4]}")
+
+
+def read_model_defaults(path: str | Path) -> dict:
+    """Recommended sampling settings a model directory ships in ``flowrl_defaults.json`` (empty if none)."""
+    f = Path(path) / "flowrl_defaults.json"
+    return json.loads(f.read_text()) if f.is_file() else {}

@@ -1,0 +1,571 @@
+"""The GRPO training recipe, on accelerate: setup -> (sample -> score -> advantages -> update -> log) x steps ->
+export. Read top to bottom; the math lives in :mod:`samplers`, :mod:`flowrl.advantages`, :mod:`flowrl.objectives`.
+
+One *step* is one iteration: ``prompts_per_step x group_size`` trajectories sampled with the current policy, scored,
+turned into advantages, then ``num_inner_epochs`` passes of clipped-surrogate updates over the stored transitions
+(by default one optimizer update per step; ``gradient_accumulation_steps`` splits it). Micro-batches in training are
+exactly the sampling batches, so the first, on-policy pass has ratio exactly 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rewards import get_reward
+from samplers.plans import FullSDEPlan, WindowPlan
+from samplers.rollout import Rollout, rescore, sample
+
+from .advantages import clip_advantages, group_advantages, multi_reward_advantages
+from .config import TrainConfig, to_dict
+from .embedded import EMBEDDED_MODEL_DIR
+from .evaluate import atomic_write_text, generate, make_grid, save_image_atomic, score_all, summarize
+from .objectives import clipped_surrogate, kl_to_reference
+from .policies.base import pipeline_class_name
+from .policies.sd3 import SD3_LORA_TARGETS, SD3_LORA_TARGETS_WITH_FF, read_model_defaults
+from .prompts import load_prompts
+from .seeding import gaussian
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def resolve_model_path(name: str) -> str:
+    return str(EMBEDDED_MODEL_DIR) if name == "embedded" else name
+
+
+def make_plan(cfg: TrainConfig):
+    p = cfg.plan
+    if p.plan == "full":
+        return FullSDEPlan(p.step_kind, p.noise_level, p.train_fraction, p.ode_after_train)
+    return WindowPlan(
+        p.step_kind, p.noise_level, p.window_size, p.window_start, p.window_schedule, p.window_tau, p.window_shift,
+        seed=cfg.seed,
+    )
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories of interrupted saves are ignored)."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    cks = [p for p in d.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[11:].isdigit()]
+    cks = [p for p in cks if (p / "flowrl_state.json").is_file()]
+    return sorted(cks, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+@dataclasses.dataclass
+class Batch:
+    """One step's samples (rows prompt-major: row r belongs to prompt r // group_size)."""
+
+    prompts: list[str]
+    group_ids: Tensor
+    rollouts: list[Rollout]  # one per micro-batch
+    images: Tensor
+    rewards: dict[str, Tensor]
+    advantages: Tensor
+    zero_std: Tensor
+    valid: Tensor
+
+
+class Trainer:
+    """Flow-GRPO-family trainer. ``Trainer(cfg).train()``; see the module docstring."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+
+    # ================================================================================================ setup
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        cfg = self.cfg
+        log_with = None if cfg.report_to == "none" else cfg.report_to
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.model.mixed_precision,
+            log_with=log_with,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+        )
+        set_seed(cfg.seed)
+        self.device = self.accelerator.device
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+
+        model_path = resolve_model_path(cfg.model.pretrained_model_name_or_path)
+        defaults = read_model_defaults(model_path) if Path(model_path).is_dir() else {}
+        self.resolution = cfg.model.resolution or defaults.get("resolution") or 512
+        self.guidance = cfg.sampling.guidance_scale or defaults.get("guidance_scale", 4.5)
+        self.eval_guidance = cfg.eval.eval_guidance_scale or self.guidance
+        weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.model.mixed_precision]
+        targets = cfg.model.lora_target_modules or list(
+            SD3_LORA_TARGETS_WITH_FF if cfg.model.lora_on_ff else SD3_LORA_TARGETS
+        )
+        from .policies import load_policy
+
+        self.policy = load_policy(
+            model_path,
+            revision=cfg.model.revision,
+            variant=cfg.model.variant,
+            cache_dir=cfg.model.cache_dir,
+            lora_rank=cfg.model.rank or None,
+            lora_alpha=cfg.model.lora_alpha,
+            lora_targets=targets,
+            max_sequence_length=cfg.model.max_sequence_length or defaults.get("max_sequence_length", 256),
+            weight_dtype=weight_dtype,
+            device=self.device,
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
+            need_reference=cfg.grpo.beta > 0,
+        )
+        self.params = self.policy.trainable_parameters()
+        self.rewards = {name: get_reward(name) for name in cfg.rewards}
+        self.train_prompts = load_prompts(cfg.prompts)
+        self.eval_sets = {name: load_prompts(name) for name in cfg.eval.eval_sets}
+        self.plan = make_plan(cfg)
+        self.sigmas = self.policy.sigmas(cfg.sampling.num_inference_steps, self.resolution)
+        self.latent_shape = self.policy.latent_shape(self.resolution)
+
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.adam_weight_decay,
+            eps=o.adam_epsilon,
+        )
+        self.n_micro = cfg.grpo.prompts_per_step * cfg.grpo.group_size // cfg.grpo.sample_batch_size
+        self.accum = min(o.gradient_accumulation_steps or self.n_micro, self.n_micro)
+        updates_per_step = cfg.grpo.num_inner_epochs * math.ceil(self.n_micro / self.accum)
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(
+            o.lr_scheduler, self.optimizer, num_warmup_steps=o.lr_warmup_steps * updates_per_step,
+            num_training_steps=cfg.max_train_steps * updates_per_step,
+        )
+        self.policy.transformer, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+            self.policy.transformer, self.optimizer, self.lr_scheduler
+        )
+        self.ema = [p.detach().clone() for p in self.params] if o.use_ema else None
+        self._register_checkpoint_hooks()
+        self.step = 0
+        self.optimizer_steps = 0
+        self.nan_skips = 0
+        if cfg.resume_from_checkpoint:
+            self.resume(cfg.resume_from_checkpoint)
+        if self.accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
+            if log_with:
+                self.accelerator.init_trackers("flowrl", config=_flat_config(cfg))
+
+    # ================================================================================================ the loop
+    def train(self) -> dict:
+        """Run to ``max_train_steps`` (or the time budget); returns the last metrics."""
+        from tqdm.auto import tqdm
+
+        self.setup()
+        cfg = self.cfg
+        start = time.time()
+        metrics: dict = {}
+        if self.step == 0 and cfg.eval.eval_steps > 0:
+            self.log(self.evaluate(0), step=0)
+        stop = {"flag": False}
+        old_handlers = _install_signal_handlers(stop)
+        bar = tqdm(total=cfg.max_train_steps, initial=self.step, disable=not self.accelerator.is_main_process,
+                   desc="flowrl train", dynamic_ncols=True)
+        try:
+            while self.step < cfg.max_train_steps and not stop["flag"]:
+                self.step += 1
+                batch, t_sample = self.sample_and_score(self.step)
+                t0 = time.time()
+                train_stats = self.update(batch)
+                t_train = time.time() - t0
+                metrics = self.step_metrics(batch, train_stats, t_sample, t_train)
+                if cfg.eval.eval_steps and self.step % cfg.eval.eval_steps == 0:
+                    metrics.update(self.evaluate(self.step))
+                self.log(metrics, step=self.step)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}")
+                over_time = cfg.max_time_minutes is not None and (time.time() - start) / 60 > cfg.max_time_minutes
+                if over_time:
+                    stop["flag"] = True
+                if (cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0) or stop["flag"]:
+                    self.save_checkpoint()
+            if cfg.eval.eval_steps and self.step % cfg.eval.eval_steps != 0:
+                final_eval = self.evaluate(self.step)
+                self.log(final_eval, step=self.step, append_to_last=True)
+                metrics.update(final_eval)
+            if not stop["flag"] or self.step >= cfg.max_train_steps:
+                self.save_checkpoint()
+            self.export()
+        finally:
+            bar.close()
+            _restore_signal_handlers(old_handlers)
+            self.accelerator.end_training()
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    def step_prompts(self, step: int) -> tuple[list[str], Tensor, Tensor]:
+        """This process's prompts for ``step`` (rows prompt-major), group ids and global sample ids.
+
+        Prompt choice depends only on (seed, step): P * world prompts drawn without replacement, rank r takes its
+        slice. Global sample id = (step, global row) so per-sample noise is independent of layout and rank.
+        """
+        g = self.cfg.grpo
+        rng = np.random.default_rng([self.cfg.seed, step])
+        n_global = g.prompts_per_step * self.world
+        pick = rng.choice(len(self.train_prompts), n_global, replace=n_global > len(self.train_prompts))
+        mine = range(self.rank * g.prompts_per_step, (self.rank + 1) * g.prompts_per_step)
+        prompts = [self.train_prompts[int(pick[i])] for i in mine for _ in range(g.group_size)]
+        group_ids = torch.tensor([i for i in mine for _ in range(g.group_size)])
+        sample_ids = torch.tensor([i * g.group_size + k for i in mine for k in range(g.group_size)])
+        return prompts, group_ids, sample_ids
+
+    @torch.no_grad()
+    def sample_and_score(self, step: int) -> tuple[Batch, float]:
+        cfg, g = self.cfg, self.cfg.grpo
+        t0 = time.time()
+        prompts, group_ids, sample_ids = self.step_prompts(step)
+        plan = self.plan(self.sigmas, step - 1)
+        self._conds, rollouts, images = [], [], []
+        uniq = sorted(set(prompts), key=prompts.index)
+        cond_all = self.policy.encode(uniq)  # encode each distinct prompt once per step
+        row_of = {p: i for i, p in enumerate(uniq)}
+        for b in range(self.n_micro):
+            sl = slice(b * g.sample_batch_size, (b + 1) * g.sample_batch_size)
+            cond = cond_all.select(torch.tensor([row_of[p] for p in prompts[sl]]))
+            ids = sample_ids[sl]
+            noise_ids = group_ids[sl] if cfg.sampling.same_noise_per_group else ids
+            x = torch.stack([gaussian(self.latent_shape, cfg.seed, step, int(i), -1) for i in noise_ids]).to(self.device)
+
+            def noise_fn(j: int, ids=ids) -> Tensor:
+                return torch.stack([gaussian(self.latent_shape, cfg.seed, step, int(i), j) for i in ids]).to(self.device)
+
+            def vel(x_, s_, cond=cond) -> Tensor:
+                with self.accelerator.autocast():
+                    return self.policy.velocity(x_, s_, cond, self.guidance)
+
+            r = sample(vel, x, plan, noise_fn)
+            rollouts.append(r)
+            images.append(self.policy.decode(r.final))
+            self._conds.append(cond)
+        images_t = torch.cat(images)
+        scores = score_all(self.rewards, images_t.to(self.device), prompts)
+        main = {k: v.to(self.device) for k, v in scores.items() if k in self.rewards}
+        all_rewards = {k: self.accelerator.gather(v.to(self.device)) for k, v in main.items()}
+        all_groups = self.accelerator.gather(group_ids.to(self.device))
+        weights = {k: float(w) for k, w in cfg.rewards.items()}
+        if len(all_rewards) == 1:
+            (name,) = all_rewards
+            adv = group_advantages(all_rewards[name] * weights[name], all_groups, std_mode=g.std_mode)
+        else:
+            adv = multi_reward_advantages(all_rewards, weights, all_groups, mode=g.reward_aggregation,
+                                          std_mode=g.std_mode)
+        n = len(prompts)
+        mine = slice(self.rank * n, (self.rank + 1) * n)
+        batch = Batch(
+            prompts=prompts,
+            group_ids=group_ids,
+            rollouts=rollouts,
+            images=images_t,
+            rewards={k: v.cpu() for k, v in scores.items()},
+            advantages=clip_advantages(adv.advantages[mine], g.adv_clip_max),
+            zero_std=adv.zero_std[mine],
+            valid=adv.valid[mine],
+        )
+        return batch, time.time() - t0
+
+    # ------------------------------------------------------------------------------------------------ update
+    def update(self, batch: Batch) -> dict[str, float]:
+        """``num_inner_epochs`` passes of clipped-surrogate updates over the stored transitions."""
+        cfg, g = self.cfg, self.cfg.grpo
+        self.policy.transformer.train(False)  # dropout stays off: sampling and training see the same function
+        sums: dict[str, float] = {}
+        count = 0
+        n_updates = 0
+        bs = g.sample_batch_size
+        for _epoch in range(g.num_inner_epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            for b, r in enumerate(batch.rollouts):
+                adv = batch.advantages[b * bs : (b + 1) * bs].to(self.device)
+                valid = batch.valid[b * bs : (b + 1) * bs].to(self.device)
+                stats = self.micro_batch_loss(r, self._conds[b], adv, valid, scale=1.0 / self.accum)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+                if (b + 1) % self.accum == 0 or b + 1 == len(batch.rollouts):
+                    n_updates += 1
+                    gn = self.optimizer_step()
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + gn
+        out = {k: v / count for k, v in sums.items() if k != "grad_norm"}
+        out["grad_norm"] = sums.get("grad_norm", 0.0) / max(1, n_updates)
+        out["optimizer_updates"] = n_updates
+        return out
+
+    def micro_batch_loss(self, r: Rollout, cond, adv: Tensor, valid: Tensor, scale: float) -> dict[str, float]:
+        """Backward the clipped surrogate (+ beta KL) of one micro-batch, averaged over its trained steps."""
+        g = self.cfg.grpo
+        guidance = self.guidance if self.cfg.sampling.train_cfg else 1.0
+        S = r.latents.shape[1]
+        stats: dict[str, float] = {}
+        for j in range(S):
+            x = r.latents[:, j].to(self.device)
+            sigma = r.sigmas[j].to(self.device)
+            with self.accelerator.autocast():
+                v = self.policy.velocity(x, sigma, cond, guidance)
+            rj = dataclasses.replace(r, latents=r.latents.to(self.device), next_latents=r.next_latents.to(self.device))
+            log_prob, mean, std = rescore(v, rj, j)
+            loss, st = clipped_surrogate(
+                log_prob, r.log_probs[:, j].to(self.device), adv, clip_range=g.clip_range,
+                clip_range_high=g.clip_range_high, mask=valid,
+            )
+            if g.beta > 0:
+                with torch.no_grad(), self.policy.reference(), self.accelerator.autocast():
+                    v_ref = self.policy.velocity(x, sigma, cond, guidance)
+                _, ref_mean, _ = rescore(v_ref, rj, j)
+                kl = kl_to_reference(mean, ref_mean, std.clamp_min(1e-12))
+                kl_mean = (kl * valid).sum() / valid.sum().clamp_min(1)
+                loss = loss + g.beta * kl_mean
+                st["kl"] = kl_mean.detach()
+            if not torch.isfinite(loss):
+                self.nan_skips += 1
+                continue
+            self.accelerator.backward(loss * scale / S)
+            for k, val in st.items():
+                if val.dim() == 0:
+                    stats[k] = stats.get(k, 0.0) + float(val) / S
+            stats[f"ratio_mean/step{int(r.step_indices[j])}"] = float(st["ratio_mean"])
+        return stats
+
+    def optimizer_step(self) -> float:
+        o = self.cfg.optim
+        gn = self.accelerator.clip_grad_norm_(self.params, o.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
+        if self.ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - o.ema_decay)
+        return float(gn)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Swap the EMA weights in (evaluation, export), restore the trained ones after."""
+        if self.ema is None:
+            yield
+            return
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, e in zip(self.params, self.ema):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    p.copy_(b)
+
+    # ------------------------------------------------------------------------------------------------ metrics
+    def step_metrics(self, batch: Batch, train: dict, t_sample: float, t_train: float) -> dict:
+        cfg = self.cfg
+        m: dict = {}
+        for name, s in batch.rewards.items():
+            s = self.accelerator.gather(s.to(self.device)).cpu()
+            ok = s[~torch.isnan(s)]
+            m[f"reward/{name}/mean"] = float(ok.mean()) if len(ok) else float("nan")
+            if name in self.rewards:
+                m[f"reward/{name}/std"] = float(ok.std(unbiased=False)) if len(ok) else float("nan")
+                m[f"reward/{name}/nan_count"] = int(torch.isnan(s).sum())
+        total = sum(cfg.rewards[k] * torch.nan_to_num(batch.rewards[k]) for k in self.rewards)
+        m["reward/mean"] = float(total.mean())
+        for k, v in train.items():
+            m[f"train/{k}"] = v
+        m["train/zero_std_share"] = float(batch.zero_std.float().mean())
+        m["train/adv_abs_mean"] = float(batch.advantages.abs().mean())
+        m["train/lr"] = float(self.lr_scheduler.get_last_lr()[0])
+        m["train/nan_loss_skips"] = self.nan_skips
+        m["time/sampling_s"] = t_sample
+        m["time/training_s"] = t_train
+        cfg_mult = 2 if self.guidance > 1 else 1
+        train_mult = 2 if (self.guidance > 1 and cfg.sampling.train_cfg) else 1
+        n = len(batch.prompts)
+        S = batch.rollouts[0].latents.shape[1]
+        m["nfe/sampling"] = sum(r.nfe for r in batch.rollouts) * cfg.grpo.sample_batch_size * cfg_mult
+        m["nfe/training"] = n * S * train_mult * cfg.grpo.num_inner_epochs * (2 if cfg.grpo.beta > 0 else 1)
+        return m
+
+    def log(self, metrics: dict, step: int, append_to_last: bool = False) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        rec = {"step": step, **metrics}
+        path = self.out / "metrics.jsonl"
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.cfg.report_to != "none":
+            self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict:
+        """ODE samples of every eval set with fixed seeds (EMA weights), scored; grid saved per set."""
+        e = self.cfg.eval
+        out: dict = {}
+        with self.ema_weights():
+            for set_idx, (name, prompts) in enumerate(self.eval_sets.items()):
+                images, texts, _ = generate(
+                    self.policy, prompts, num_steps=e.eval_num_inference_steps, guidance_scale=self.eval_guidance,
+                    resolution=self.resolution, seed=e.eval_seed + set_idx, images_per_prompt=e.eval_images_per_prompt,
+                    batch_size=self.cfg.grpo.sample_batch_size,
+                )
+                scores = score_all(self.rewards, images, texts)
+                label = "eval" if name in ("eval", "scenes:eval") else ("heldout" if "heldout" in name else Path(name).stem)
+                for rname, r in summarize(scores).items():
+                    out[f"{label}/reward/{rname}"] = r["mean"]
+                if self.accelerator.is_main_process:
+                    first = next(iter(self.rewards))
+                    caps = [f"{t} [{float(s):.2f}]" for t, s in zip(texts, scores[first])]
+                    k = min(len(images), 48)
+                    save_image_atomic(make_grid(images[:k], caps[:k]), self.out / "grids" / f"{label}-step{step:05d}.png")
+        return out
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _register_checkpoint_hooks(self) -> None:
+        """Save only the trained weights (LoRA or full transformer) with the accelerator state, not the base model."""
+        from safetensors.torch import load_file, save_file
+
+        def save_hook(models, weights, output_dir):
+            if self.accelerator.is_main_process:
+                sd = {k: v.contiguous().cpu() for k, v in self.policy.trainable_state_dict().items()}
+                save_file(sd, os.path.join(output_dir, "trainable.safetensors"))
+            while weights:
+                weights.pop()
+
+        def load_hook(models, input_dir):
+            sd = load_file(os.path.join(input_dir, "trainable.safetensors"))
+            named = dict(self.policy.transformer.named_parameters())
+            missing = [k for k in named if named[k].requires_grad and k not in sd]
+            if missing or any(k not in named for k in sd):
+                raise ValueError(
+                    f"checkpoint {input_dir!r} does not match this model/LoRA config "
+                    f"(missing {missing[:3]}, unexpected {[k for k in sd if k not in named][:3]})"
+                )
+            with torch.no_grad():
+                for k, v in sd.items():
+                    named[k].copy_(v)
+            while models:
+                models.pop()
+
+        self.accelerator.register_save_state_pre_hook(save_hook)
+        self.accelerator.register_load_state_pre_hook(load_hook)
+
+    def save_checkpoint(self) -> Path:
+        """``checkpoint-{step}`` via ``accelerator.save_state`` into a temporary dir renamed when complete."""
+        from safetensors.torch import save_file
+
+        final = self.out / f"{CHECKPOINT_PREFIX}{self.step}"
+        tmp = self.out / f".tmp-{CHECKPOINT_PREFIX}{self.step}"
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))
+        if self.accelerator.is_main_process:
+            if self.ema is not None:
+                save_file({f"ema.{i}": e.contiguous().cpu() for i, e in enumerate(self.ema)}, str(tmp / "ema.safetensors"))
+            state = {"step": self.step, "optimizer_steps": self.optimizer_steps, "nan_skips": self.nan_skips,
+                     "plan": dataclasses.asdict(self.plan), "config": to_dict(self.cfg)}
+            (tmp / "flowrl_state.json").write_text(json.dumps(state, indent=2) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            limit = self.cfg.checkpoints_total_limit
+            if limit:
+                for old in list_checkpoints(self.out)[:-limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def resume(self, which: str) -> None:
+        from safetensors.torch import load_file
+
+        if which == "latest":
+            cks = list_checkpoints(self.out)
+            if not cks:
+                self.accelerator.print(f"no checkpoint in {self.out}; starting from scratch")
+                return
+            path = cks[-1]
+        else:
+            path = Path(which)
+            if not (path / "flowrl_state.json").is_file():
+                raise FileNotFoundError(f"{str(path)!r} is not a complete flowrl checkpoint (no flowrl_state.json)")
+        state = json.loads((path / "flowrl_state.json").read_text())
+        self.accelerator.load_state(str(path))
+        if self.ema is not None:
+            ema = load_file(str(path / "ema.safetensors"))
+            self.ema = [ema[f"ema.{i}"].to(self.device) for i in range(len(self.ema))]
+        self.step = int(state["step"])
+        self.optimizer_steps = int(state["optimizer_steps"])
+        self.nan_skips = int(state.get("nan_skips", 0))
+        if self.accelerator.is_main_process:  # drop metrics logged after the checkpoint by the interrupted run
+            mpath = self.out / "metrics.jsonl"
+            if mpath.is_file():
+                keep = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+                atomic_write_text(mpath, "".join(ln + "\n" for ln in keep))
+        self.accelerator.print(f"resumed from {path} at step {self.step}")
+
+    def export(self) -> None:
+        """Final LoRA (EMA weights when enabled) as ``pytorch_lora_weights.safetensors`` in ``output_dir``."""
+        if not self.accelerator.is_main_process:
+            return
+        import tempfile
+
+        with self.ema_weights():
+            tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=self.out))
+            try:
+                self.policy.save_lora(tmp)
+                for f in tmp.iterdir():
+                    dest = self.out / f.name
+                    if dest.is_dir():
+                        shutil.rmtree(dest)
+                    os.replace(f, dest)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _flat_config(cfg: TrainConfig) -> dict:
+    flat = {}
+    for k, v in to_dict(cfg).items():
+        if isinstance(v, dict) and k != "rewards":
+            for k2, v2 in v.items():
+                flat[f"{k}.{k2}"] = v2 if isinstance(v2, (int, float, str, bool)) else str(v2)
+        else:
+            flat[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return flat
+
+
+def _install_signal_handlers(stop: dict):
+    """SIGINT/SIGTERM: finish the current step, checkpoint, export, exit cleanly."""
+
+    def handler(signum, frame):
+        if stop["flag"]:
+            raise KeyboardInterrupt
+        stop["flag"] = True
+
+    old = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[s] = signal.signal(s, handler)
+        except ValueError:  # not in the main thread
+            pass
+    return old
+
+
+def _restore_signal_handlers(old: dict) -> None:
+    for s, h in old.items():
+        signal.signal(s, h)

@@ -1,0 +1,7 @@
+"""Test settings shared by the suite: small thread counts, offline hub, quiet libraries."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
