@@ -69,7 +69,7 @@ class PlanConfig:
     noise_level: float = 0.7
     """SDE noise scale (a for Flow-GRPO, eta for CPS/DanceGRPO)."""
     train_fraction: float = 0.4
-    """``full`` plan: train on the first ceil(fraction * T) steps (Flow-GRPO's timestep_fraction)."""
+    """``full`` plan: train on the first int(fraction * T) steps (at least one) (Flow-GRPO's timestep_fraction)."""
     ode_after_train: bool = False
     """``full`` plan: untrained tail steps are ODE."""
     window_size: int = 4
@@ -194,6 +194,8 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     if origin is Literal:
         return value in get_args(tp), value
     if origin is list:
+        if isinstance(value, str):  # a single item, e.g. "--eval_sets heldout"
+            value = [value]
         if not isinstance(value, (list, tuple)):
             return False, value
         (arg,) = get_args(tp)

@@ -333,6 +333,7 @@ class Trainer:
                 kl_mean = (kl * valid).sum() / valid.sum().clamp_min(1)
                 loss = loss + g.beta * kl_mean
                 st["kl"] = kl_mean.detach()
+            st["loss"] = loss.detach()
             if not torch.isfinite(loss):
                 self.nan_skips += 1
                 continue

@@ -148,7 +148,7 @@ def sample_spec(rng: np.random.Generator, split: str = "train", kind: str | None
 
 
 def prompt_set(name: str) -> list[str]:
-    """The shipped prompt sets, deterministic: ``train`` (180), ``eval`` (36 training prompts), ``heldout`` (36)."""
+    """The shipped prompt sets, deterministic: ``train`` (114), ``eval`` (36 training prompts), ``heldout`` (36)."""
     rng = np.random.default_rng({"train": 0, "eval": 1, "heldout": 2}[name])
     if name == "train":
         pool = allowed_combos("train")

@@ -74,7 +74,7 @@ def sigma_list(sigmas: torch.Tensor | Sequence[float]) -> list[float]:
 
 @dataclasses.dataclass
 class FullSDEPlan:
-    """Flow-GRPO (arXiv 2505.05470): SDE on every step, train on the first ``ceil(train_fraction * T)`` steps.
+    """Flow-GRPO (arXiv 2505.05470): SDE on every step, train on the first ``int(train_fraction * T)`` steps (at least 1).
 
     With ``ode_after_train=True`` the untrained tail is ODE (less noise in the final images, same log-probs).
     """
@@ -92,7 +92,7 @@ class FullSDEPlan:
     def __call__(self, sigmas: torch.Tensor | Sequence[float], iteration: int = 0) -> Plan:
         s = sigma_list(sigmas)
         T = len(s) - 1
-        k = max(1, math.ceil(self.train_fraction * T - 1e-9))
+        k = max(1, int(self.train_fraction * T + 1e-9))  # Flow-GRPO: int(T * timestep_fraction)
         steps = []
         for i in range(T):
             train = i < k
