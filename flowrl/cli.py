@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import sys
@@ -73,12 +74,16 @@ def _train_parser() -> argparse.ArgumentParser:
 
 
 def build_config(argv: list[str]) -> TrainConfig:
-    """Defaults -> algorithm preset -> YAML -> flags, validated. Raises ConfigError / SystemExit on bad input."""
-    from rewards import parse_reward_spec
+    """Defaults -> algorithm preset -> YAML -> flags, validated; ConfigError on bad input (SystemExit: --help)."""
+    from rewards import available_rewards, parse_reward_spec
 
     from .presets import get_preset
 
-    args = vars(_train_parser().parse_args(argv))
+    parser = _train_parser()
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ConfigError(_unknown_flags_message(parser, unknown))
+    args = vars(ns)
     config_file = args.pop("config", None)
     yaml_data = load_yaml(config_file) if config_file else {}
     reward_specs = args.pop("reward", None)
@@ -90,7 +95,7 @@ def build_config(argv: list[str]) -> TrainConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     if yaml_data:
-        apply_mapping(cfg, yaml_data, "config file")
+        apply_mapping(cfg, yaml_data, f"config file {config_file!r}")
     for k, v in args.items():
         set_value(cfg, k, _parse_scalar(v) if isinstance(v, str) else v, f"--{k}")
     if reward_specs:
@@ -100,9 +105,29 @@ def build_config(argv: list[str]) -> TrainConfig:
                 name, weight = parse_reward_spec(spec)
             except ValueError as e:
                 raise ConfigError(f"--reward {spec!r}: {e}") from None
+            head, _, tail = name.partition(":")
+            if tail and head in available_rewards():  # "scenes:abc": a registered name with a non-numeric weight
+                raise ConfigError(f"--reward {spec!r}: weight {tail!r} is not a number; expected NAME[:WEIGHT] "
+                                  f"(NAME one of {', '.join(available_rewards())}) or module:attr[:WEIGHT]")
             rewards[name] = weight
         cfg.rewards = rewards
     return validate(cfg)
+
+
+def _unknown_flags_message(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    import difflib
+
+    flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    parts = []
+    for i, u in enumerate(unknown):
+        if not u.startswith("-"):
+            if i == 0 or not unknown[i - 1].startswith("-"):  # not the value of an unknown flag
+                parts.append(f"unexpected value {u!r} (flags take one value each: --flag VALUE)")
+            continue
+        flag = u.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, flags, n=3, cutoff=0.6)
+        parts.append(f"unknown flag {flag!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    return "; ".join(parts) + "; `flowrl train --help` lists every flag"
 
 
 def preflight(cfg: TrainConfig) -> None:
@@ -135,10 +160,47 @@ def preflight(cfg: TrainConfig) -> None:
             raise ConfigError(f"reward {name!r}: {e}") from None
     out = Path(cfg.output_dir)
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not probe.is_dir():
+        raise ConfigError(f"output_dir {str(out)!r} cannot be created: {str(probe)!r} is a file, not a directory")
     if not os.access(probe, os.W_OK):
         raise ConfigError(f"output_dir {str(out)!r} is not writable ({str(probe)!r} denies writing)")
-    if cfg.resume_from_checkpoint not in (None, "latest") and not Path(cfg.resume_from_checkpoint).is_dir():
-        raise ConfigError(f"resume_from_checkpoint {cfg.resume_from_checkpoint!r} does not exist (use 'latest' or a path)")
+    ck = cfg.resume_from_checkpoint
+    if ck not in (None, "latest") and not Path(ck).is_dir():
+        raise ConfigError(f"resume_from_checkpoint {ck!r} does not exist (use 'latest' or a path)")
+    if ck not in (None, "latest") and not (Path(ck) / "flowrl_state.json").is_file():
+        raise ConfigError(f"resume_from_checkpoint {ck!r} is not a complete flowrl checkpoint "
+                          "(no flowrl_state.json; use 'latest' or a checkpoint-N directory)")
+    if ck is not None:
+        from .trainer import list_checkpoints
+
+        latest = list_checkpoints(out)[-1:] if ck == "latest" else [Path(ck)]
+        for path in latest:
+            _check_checkpoint_matches(cfg, path)
+
+
+def _checkpoint_settings(model: dict, use_ema) -> dict:
+    """What a checkpoint's trained weights (and EMA) depend on, with defaults resolved (alpha None = rank, ...)."""
+    from .policies.sd3 import SD3_LORA_TARGETS, SD3_LORA_TARGETS_WITH_FF
+
+    rank = model.get("rank")
+    preset = SD3_LORA_TARGETS_WITH_FF if model.get("lora_on_ff") else SD3_LORA_TARGETS
+    targets = model.get("lora_target_modules") or preset
+    return {"rank": rank, "lora_alpha": model.get("lora_alpha") or rank,
+            "lora_target_modules": sorted(targets) if rank else None, "use_ema": use_ema}
+
+
+def _check_checkpoint_matches(cfg: TrainConfig, path: Path) -> None:
+    """A clear error before loading anything when the checkpoint was saved with other LoRA/EMA settings."""
+    try:
+        saved = json.loads((path / "flowrl_state.json").read_text(encoding="utf-8"))["config"]
+        old = _checkpoint_settings(saved["model"], saved["optim"]["use_ema"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"checkpoint {str(path)!r} is corrupt: flowrl_state.json is unreadable ({e!r})") from None
+    new = _checkpoint_settings(dataclasses.asdict(cfg.model), cfg.optim.use_ema)
+    diffs = [f"{k}={old[k]!r} in the checkpoint, {k}={new[k]!r} now" for k in new if old[k] != new[k]]
+    if diffs:
+        raise ConfigError(f"checkpoint {str(path)!r} does not match this run: {'; '.join(diffs)} "
+                          "(resume with the checkpoint's settings, or start without --resume_from_checkpoint)")
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -150,7 +212,24 @@ def cmd_train(argv: list[str]) -> int:
         return 2
     from .trainer import Trainer
 
-    metrics = Trainer(cfg).train()
+    class _SetupError(Exception):
+        pass
+
+    trainer = Trainer(cfg)
+    setup = trainer.setup
+
+    def checked_setup() -> None:  # bad model/checkpoint found while loading: a message, not a traceback
+        try:
+            setup()
+        except (ValueError, FileNotFoundError) as e:
+            raise _SetupError(str(e)) from e
+
+    trainer.setup = checked_setup  # errors in training itself still propagate
+    try:
+        metrics = trainer.train()
+    except _SetupError as e:
+        print(f"flowrl train: error: {e}", file=sys.stderr)
+        return 2
     keys = [k for k in metrics if k.startswith(("eval/", "heldout/"))]
     print(json.dumps({k: metrics[k] for k in keys}, indent=2))
     print(f"LoRA and logs in {cfg.output_dir}")

@@ -82,6 +82,14 @@ class PlanConfig:
     """Iterations per window position (progressive schedules)."""
     window_shift: int = 1
     """Steps the window moves each time."""
+    window_wrap: bool = True
+    """Progressive schedules: past T - w the window wraps back to ``window_start`` (off: it stays at T - w)."""
+    ode_solver: Literal["euler", "dpm2m"] = "euler"
+    """Solver of the ODE tail after the last SDE step (``window`` plan, or ``full`` with ode_after_train):
+    Euler, or DPM-Solver++ 2M (MixGRPO-Flash). Steps before the window are always Euler."""
+    flash_ratio: float = 1.0
+    """ODE tail compression r in (0, 1]: its m steps become max(int(m * r), 1) steps on a schedule interpolated from
+    the remaining sigmas (MixGRPO-Flash 0.4, Flash* 0.2); 1 = the original steps."""
 
 
 @dataclasses.dataclass
@@ -236,6 +244,8 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
 def _describe(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if isinstance(tp, type):
+        return tp.__name__  # "int", not "<class 'int'>"
     return str(tp).replace("typing.", "")
 
 
@@ -258,13 +268,32 @@ def leaf_index() -> dict[str, tuple[str | None, str, Any]]:
     return out
 
 
+def _unknown_key_message(key: str, source: str, index: dict) -> str:
+    """Name the bad key, the closest valid ones and what is allowed where it stands."""
+    import difflib
+
+    section, _, name = key.rpartition(".")
+    msg = f"unknown config key {key!r} in {source}"
+    if name in index and index[name][0] != (section or None):
+        return msg + f"; {name!r} belongs in section {index[name][0]!r} (or give it at the top level)"
+    if section in SECTIONS:
+        allowed = [k for k, (sec, _, _) in index.items() if sec == section]
+        where = f"section {section!r} allows"
+    elif section:
+        allowed, where = list(SECTIONS), "sections are"
+    else:
+        allowed = [k for k, (sec, _, _) in index.items() if sec is None] + [f"{s}: {{...}}" for s in SECTIONS]
+        where = "top-level keys are any section field by name, or"
+    close = difflib.get_close_matches(name, list(index), n=3, cutoff=0.6)
+    return msg + (f"; did you mean {', '.join(close)}?" if close else "") + f" ({where}: {', '.join(allowed)})"
+
+
 def set_value(cfg: TrainConfig, key: str, value: Any, source: str) -> None:
     """Set a leaf by flat name (``learning_rate``) or dotted path (``optim.learning_rate``), type-checked."""
     index = leaf_index()
     name = key.split(".")[-1]
     if name not in index or ("." in key and key.split(".")[0] != index[name][0]):
-        close = [k for k in index if name[:4] in k][:5]
-        raise ConfigError(f"unknown config key {key!r} in {source}" + (f"; did you mean {close}?" if close else ""))
+        raise ConfigError(_unknown_key_message(key, source, index))
     section, field, tp = index[name]
     ok, v = _type_ok(value, tp)
     if not ok and value is None:  # "--report_to none": the literal string, not null
@@ -333,6 +362,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
              f"window_size must be in [1, num_inference_steps={s.num_inference_steps}], got {p.window_size}")
         need(0 <= p.window_start <= s.num_inference_steps - p.window_size,
              f"window_start must be in [0, {s.num_inference_steps - p.window_size}], got {p.window_start}")
+        need(p.window_tau >= 1, f"window_tau must be >= 1 (iterations per window position), got {p.window_tau}")
+        need(p.window_shift >= 1, f"window_shift must be >= 1, got {p.window_shift}")
+    need(p.step_kind != "cps" or p.noise_level <= 1, f"noise_level (CPS eta) must be in (0, 1], got {p.noise_level}")
+    need(0 < p.flash_ratio <= 1, f"flash_ratio must be in (0, 1] (1 = no tail compression), got {p.flash_ratio}")
+    need(p.plan == "window" or p.ode_after_train or (p.ode_solver == "euler" and p.flash_ratio == 1),
+         f"ode_solver={p.ode_solver!r} / flash_ratio={p.flash_ratio} act on the ODE tail after the SDE steps; "
+         "use plan=window, or plan=full with ode_after_train=true")
     need(o.learning_rate > 0, f"learning_rate must be > 0, got {o.learning_rate}")
     need(o.max_grad_norm > 0, f"max_grad_norm must be > 0, got {o.max_grad_norm}")
     need(0 <= o.ema_decay < 1, f"ema_decay must be in [0, 1), got {o.ema_decay}")

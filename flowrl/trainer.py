@@ -46,11 +46,12 @@ def resolve_model_path(name: str) -> str:
 
 def make_plan(cfg: TrainConfig):
     p = cfg.plan
+    tail = {"ode_solver": p.ode_solver, "flash_ratio": p.flash_ratio}
     if p.plan == "full":
-        return FullSDEPlan(p.step_kind, p.noise_level, p.train_fraction, p.ode_after_train)
+        return FullSDEPlan(p.step_kind, p.noise_level, p.train_fraction, p.ode_after_train, **tail)
     return WindowPlan(
         p.step_kind, p.noise_level, p.window_size, p.window_start, p.window_schedule, p.window_tau, p.window_shift,
-        seed=cfg.seed,
+        wrap=p.window_wrap, seed=cfg.seed, **tail,
     )
 
 
@@ -398,7 +399,7 @@ class Trainer:
         train_mult = 2 if (self.guidance > 1 and cfg.sampling.train_cfg) else 1
         n = len(batch.prompts)
         S = batch.rollouts[0].latents.shape[1]
-        m["nfe/sampling"] = sum(r.nfe for r in batch.rollouts) * cfg.grpo.sample_batch_size * cfg_mult
+        m["nfe/sampling"] = batch.rollouts[0].nfe * n * cfg_mult  # Rollout.nfe: evaluations per trajectory
         m["nfe/training"] = n * S * train_mult * cfg.grpo.num_inner_epochs * (2 if cfg.grpo.beta > 0 else 1)
         return m
 
@@ -452,6 +453,12 @@ class Trainer:
             sd = load_file(os.path.join(input_dir, "trainable.safetensors"))
             named = dict(self.policy.transformer.named_parameters())
             missing = [k for k in named if named[k].requires_grad and k not in sd]
+            wrong_shape = [k for k in sd if k in named and tuple(sd[k].shape) != tuple(named[k].shape)]
+            if wrong_shape:
+                raise ValueError(
+                    f"checkpoint {input_dir!r} does not match this model/LoRA config: {wrong_shape[0]} has shape "
+                    f"{tuple(sd[wrong_shape[0]].shape)} in the checkpoint, {tuple(named[wrong_shape[0]].shape)} here"
+                )
             if missing or any(k not in named for k in sd):
                 raise ValueError(
                     f"checkpoint {input_dir!r} does not match this model/LoRA config "
