@@ -2,7 +2,9 @@
 
 ``sample(velocity_fn, x, plan, noise_fn)`` integrates from sigma = 1 to the end of the plan. Per trained step it
 stores the transition (x_t, x_next), the step's log-prob, Gaussian mean and std under the sampling policy: the
-:class:`Rollout`. Noise comes from ``noise_fn(step_index) -> [B, *D]``, so the caller controls seeding (flowrl makes
+:class:`Rollout`. ``"dpm2m"`` steps (DPM-Solver++ 2M, the MixGRPO-Flash ODE tail) are multistep: each uses the
+data prediction of the step before it when that step was also ``"dpm2m"`` (first order otherwise); this history
+lives only inside the loop. Noise comes from ``noise_fn(step_index) -> [B, *D]``, so the caller controls seeding (flowrl makes
 each sample's noise a function of (seed, iteration, sample index, step), independent of batch layout).
 """
 
@@ -15,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .plans import Plan
+from .solvers import dpm_solver_2m_step
 from .steps import get_step_fn
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
@@ -35,7 +38,8 @@ class Rollout:
         step_indices: [S] the trained steps' positions in the schedule.
         kinds, noise_levels: per trained step, the step function and its noise scale.
         final: [B, *D] the last latent of each trajectory (decode it for the image).
-        nfe: velocity evaluations used (before any CFG doubling).
+        nfe: velocity evaluations per trajectory (one per planned step, DPM-Solver steps included; before any
+            CFG doubling). ``velocity_fn`` is called ``nfe`` times, each on the whole batch.
     """
 
     latents: Tensor
@@ -62,13 +66,15 @@ class Rollout:
 
     @staticmethod
     def cat(rollouts: list["Rollout"]) -> "Rollout":
-        """Concatenate rollouts of the same plan along the batch."""
+        """Concatenate rollouts of the same plan along the batch (``nfe`` is per trajectory, so it is kept)."""
         r0 = rollouts[0]
+        if any(r.nfe != r0.nfe or r.kinds != r0.kinds for r in rollouts):
+            raise ValueError("Rollout.cat needs rollouts of the same plan")
         per = {
             f: torch.cat([getattr(r, f) for r in rollouts])
             for f in ("latents", "next_latents", "log_probs", "means", "stds", "final")
         }
-        return dataclasses.replace(r0, **per, nfe=sum(r.nfe for r in rollouts))
+        return dataclasses.replace(r0, **per)
 
 
 @torch.no_grad()
@@ -81,15 +87,26 @@ def sample(velocity_fn: VelocityFn, x: Tensor, plan: Plan, noise_fn: NoiseFn) ->
         plan: the steps to take.
         noise_fn: ``step_index -> [B, *D]`` standard normal noise for that step (called for SDE steps only).
 
+    An all-``"ode"`` plan is exactly :func:`samplers.solvers.euler_ode` and an all-``"dpm2m"`` plan exactly
+    :func:`samplers.solvers.dpm_solver_2m` on the plan's sigmas (same arithmetic, bit for bit).
+
     Returns:
         The :class:`Rollout` of the trained steps and the final latents.
     """
     x = x.float()
     store: dict[str, list[Tensor]] = {k: [] for k in ("latents", "next_latents", "log_probs", "means", "stds")}
     trained = [s for s in plan.steps if s.train]
+    prev_x0: Tensor | None = None  # DPM-Solver++ 2M history: data prediction of the previous dpm2m step
+    sigma_prev: float | None = None
     for step in plan.steps:
         sigma = torch.tensor(step.sigma, dtype=torch.float32, device=x.device)
         v = velocity_fn(x, sigma)
+        if step.kind == "dpm2m":
+            x0 = x - sigma * v.float()  # data prediction, fp32
+            x = dpm_solver_2m_step(x, x0, prev_x0, sigma_prev, step.sigma, step.sigma_next)
+            prev_x0, sigma_prev = x0, step.sigma
+            continue
+        prev_x0 = sigma_prev = None  # any other step breaks the multistep history
         fn = get_step_fn(step.kind)
         if step.kind == "ode":
             out = fn(v, x, step.sigma, step.sigma_next)
@@ -115,7 +132,7 @@ def sample(velocity_fn: VelocityFn, x: Tensor, plan: Plan, noise_fn: NoiseFn) ->
         kinds=tuple(s.kind for s in trained),
         noise_levels=tuple(s.noise_level for s in trained),
         final=x,
-        nfe=len(plan.steps),
+        nfe=plan.nfe,
     )
 
 
