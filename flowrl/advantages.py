@@ -32,6 +32,8 @@ __all__ = [
     "group_advantages",
     "multi_reward_advantages",
     "clip_advantages",
+    "dynamic_sampling_mask",
+    "ngrpo_advantages",
 ]
 
 StdMode = Literal["group", "global"]
@@ -195,3 +197,71 @@ def clip_advantages(advantages: Tensor, max_abs: float = 5.0) -> Tensor:
     if max_abs <= 0:
         raise ValueError(f"max_abs must be > 0, got {max_abs}")
     return advantages.clamp(-max_abs, max_abs)
+
+
+def _group_index(group_ids: Tensor) -> tuple[Tensor, int]:
+    uniq, inv = torch.unique(group_ids, return_inverse=True)
+    return inv, uniq.numel()
+
+
+def dynamic_sampling_mask(rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """DAPO dynamic sampling (arXiv 2503.14476): keep the samples of groups whose valid rewards are not all equal.
+
+    For 0/1 correctness rewards this is ``0 < #correct < G``: all-correct and all-wrong groups have zero advantage
+    and only dilute the batch; the trainer drops them and samples more prompts to fill it. Groups with no valid
+    reward are dropped too.
+
+    Args:
+        rewards: ``[B]`` float (``NaN`` = not applicable).
+        group_ids: ``[B]`` integer labels.
+
+    Returns:
+        ``[B]`` bool: True for every sample (valid or not) of a kept group.
+    """
+    _check_rewards_and_groups(rewards, group_ids)
+    r = rewards.detach().to(torch.float64)
+    valid = ~torch.isnan(r)
+    inv, n_groups = _group_index(group_ids)
+    big = torch.finfo(r.dtype).max
+    zeros_g = r.new_zeros(n_groups)
+    gmax = zeros_g.scatter_reduce(0, inv, torch.where(valid, r, torch.full_like(r, -big)), "amax", include_self=False)
+    gmin = zeros_g.scatter_reduce(0, inv, torch.where(valid, r, torch.full_like(r, big)), "amin", include_self=False)
+    return (gmax > gmin)[inv]
+
+
+def ngrpo_advantages(rewards: Tensor, group_ids: Tensor, *, r_max: float = 1.0, eps: float = 1e-4) -> AdvantageOutput:
+    """NGRPO advantage calibration (arXiv 2509.18851): a virtual sample with the maximum reward ``r_max`` joins
+    every group's statistics (not the batch).
+
+    With the group's n valid rewards r_1..r_n: ``mu = (Σ r_j + r_max)/(n + 1)``,
+    ``sigma² = (Σ (r_j - mu)² + (r_max - mu)²)/(n + 1)`` (population), ``A_i = (r_i - mu)/(sigma + eps)``.
+    An all-wrong group (every r < r_max) now gets negative advantages instead of zeros, so failures still teach;
+    an all-``r_max`` group keeps sigma = 0 and advantage 0 (``zero_std``). Pair with asymmetric clipping
+    (NGRPO: ``eps_low`` 0.16, ``eps_high`` 0.24 via ``clip_range`` / ``clip_range_high``).
+
+    Args:
+        rewards: ``[B]`` float (``NaN`` = not applicable: excluded, advantage 0, invalid).
+        group_ids: ``[B]`` integer labels.
+        r_max: the virtual sample's reward (the reward's maximum; 1 for correctness).
+        eps: added to sigma.
+
+    Returns:
+        :class:`AdvantageOutput` (``advantages`` ``[B]`` float32).
+    """
+    _check_rewards_and_groups(rewards, group_ids)
+    r = rewards.detach().to(torch.float64)
+    valid = ~torch.isnan(r)
+    inv, n_groups = _group_index(group_ids)
+    zeros_g = r.new_zeros(n_groups)
+    r0 = torch.where(valid, r, torch.zeros_like(r))
+    n = zeros_g.index_add(0, inv, valid.to(r.dtype)) + 1  # + the virtual sample
+    mu = (zeros_g.index_add(0, inv, r0) + r_max) / n
+    centred = torch.where(valid, r - mu[inv], torch.zeros_like(r))
+    var = (zeros_g.index_add(0, inv, centred.square()) + (r_max - mu) ** 2) / n
+    sigma = var.sqrt()
+    flat = torch.where(valid, (r != r_max).to(r.dtype), torch.zeros_like(r))
+    all_max = zeros_g.index_add(0, inv, flat) == 0  # every valid reward equals r_max (or none valid)
+    zero_std = valid & all_max[inv]
+    adv = centred / (sigma[inv] + eps)
+    adv = torch.where(zero_std | ~valid, torch.zeros_like(adv), adv)
+    return AdvantageOutput(advantages=adv.to(torch.float32), zero_std=zero_std, valid=valid)

@@ -206,10 +206,19 @@ def _check_checkpoint_matches(cfg: TrainConfig, path: Path) -> None:
 def cmd_train(argv: list[str]) -> int:
     try:
         cfg = build_config(argv)
-        preflight(cfg)
+        if cfg.modality == "text":  # causal-LM GRPO (flowrl.text_trainer)
+            from .text_trainer import preflight_text
+
+            preflight_text(cfg)
+        else:
+            preflight(cfg)
     except ConfigError as e:
         print(f"flowrl train: error: {e}", file=sys.stderr)
         return 2
+    if cfg.modality == "text":
+        from .text_trainer import run_text_training
+
+        return run_text_training(cfg)
     from .trainer import Trainer
 
     class _SetupError(Exception):

