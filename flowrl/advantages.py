@@ -34,6 +34,15 @@ __all__ = [
     "clip_advantages",
     "dynamic_sampling_mask",
     "ngrpo_advantages",
+    "BetaTracker",
+    "spo_advantages",
+    "spo_decay",
+    "vade_select",
+    "knapsack_value",
+    "knapsack_budgets",
+    "gvm_budgets",
+    "max_variance_subset",
+    "backup_advantages",
 ]
 
 StdMode = Literal["group", "global"]
@@ -230,7 +239,7 @@ def dynamic_sampling_mask(rewards: Tensor, group_ids: Tensor) -> Tensor:
 
 
 def ngrpo_advantages(rewards: Tensor, group_ids: Tensor, *, r_max: float = 1.0, eps: float = 1e-4) -> AdvantageOutput:
-    """NGRPO advantage calibration (arXiv 2509.18851): a virtual sample with the maximum reward ``r_max`` joins
+    """NGRPO advantage calibration: a virtual sample with the maximum reward ``r_max`` joins
     every group's statistics (not the batch).
 
     With the group's n valid rewards r_1..r_n: ``mu = (Σ r_j + r_max)/(n + 1)``,
@@ -265,3 +274,279 @@ def ngrpo_advantages(rewards: Tensor, group_ids: Tensor, *, r_max: float = 1.0, 
     adv = centred / (sigma[inv] + eps)
     adv = torch.where(zero_std | ~valid, torch.zeros_like(adv), adv)
     return AdvantageOutput(advantages=adv.to(torch.float32), zero_std=zero_std, valid=valid)
+
+
+def backup_advantages(
+    leaf_advantages: Tensor,
+    leaf_valid: Tensor,
+    leaf_row: Tensor,
+    row_node: Tensor,
+    node_parent_row: Tensor,
+    *,
+    row_log_probs: Tensor | None = None,
+    node_rule: Literal["mean", "softmax"] = "mean",
+) -> tuple[Tensor, Tensor]:
+    """Advantages of the transitions (rows) of a branching rollout from the advantages of its leaves.
+
+    Rows are transitions node -> child (``row_node[r]`` is the parent node); a child is either finished into one or
+    more leaves (``leaf_row[l] = r``) or is itself a branch node ``n`` (``node_parent_row[n] = r``). Then:
+
+    1. ``A_r = Σ_{l: leaf_row[l] = r, valid} A_l`` - one leaf per row (TempFlow-GRPO, the last tree level): its own
+       advantage; several (G²RPO's granularities, each normalised in its own group): their sum, ``A_k = Σ_g A_k^g``.
+    2. bottom-up, a row whose child is a node ``n`` takes the aggregate of ``n``'s valid rows (Dynamic-TreeRPO's
+       backup): ``"mean"`` (their mean), or ``"softmax"`` (``Σ_c softmax_c(log p_old(c)) A_c`` over the node's
+       children, the TreeGRPO rule; ``row_log_probs`` required).
+
+    A row is valid when some valid leaf lies below it; invalid rows get 0.
+
+    Args:
+        leaf_advantages: [L] float, already normalised (e.g. :func:`group_advantages` over the leaves' groups).
+        leaf_valid: [L] bool.
+        leaf_row: [L] long, the row each leaf was finished from.
+        row_node: [R] long, parent node of each row.
+        node_parent_row: [Nn] long, the row that produced each node, -1 for nodes reached by ODE from a root.
+        row_log_probs: [R] sampling log-probs (``"softmax"`` only).
+        node_rule: ``"mean"`` or ``"softmax"``.
+
+    Returns:
+        ``(advantages [R] float32, valid [R] bool)``.
+    """
+    if node_rule not in ("mean", "softmax"):
+        raise ValueError(f"node_rule must be 'mean' or 'softmax', got {node_rule!r}")
+    if node_rule == "softmax" and row_log_probs is None:
+        raise ValueError("node_rule='softmax' needs row_log_probs")
+    R, Nn = row_node.shape[0], node_parent_row.shape[0]
+    a_leaf = leaf_advantages.detach().double()
+    a_leaf = torch.where(leaf_valid, a_leaf, torch.zeros_like(a_leaf))
+    adv = torch.zeros(R, dtype=torch.float64).index_add(0, leaf_row.cpu(), a_leaf.cpu())
+    valid = torch.zeros(R, dtype=torch.long).index_add(0, leaf_row.cpu(), leaf_valid.long().cpu()) > 0
+    parent = node_parent_row.cpu().tolist()
+    # depth of every node (roots 0), then children before parents
+    rn = row_node.cpu().tolist()
+    depth = [0] * Nn
+    for n in range(Nn):
+        d, r = 0, parent[n]
+        while r >= 0:
+            d, r = d + 1, parent[rn[r]]
+        depth[n] = d
+    rows_of: list[list[int]] = [[] for _ in range(Nn)]
+    for r, n in enumerate(rn):
+        rows_of[n].append(r)
+    lp = None if row_log_probs is None else row_log_probs.detach().double().cpu()
+    for n in sorted(range(Nn), key=lambda i: -depth[i]):
+        pr = parent[n]
+        if pr < 0:
+            continue
+        rs = torch.tensor(rows_of[n], dtype=torch.long)
+        ok = valid[rs]
+        if not bool(ok.any()):
+            adv[pr], valid[pr] = 0.0, False
+            continue
+        if node_rule == "mean":
+            adv[pr] = adv[rs][ok].mean()
+        else:
+            w = torch.softmax(lp[rs][ok], dim=0)
+            adv[pr] = (w * adv[rs][ok]).sum()
+        valid[pr] = True
+    adv = torch.where(valid, adv, torch.zeros_like(adv))
+    return adv.to(torch.float32).to(leaf_advantages.device), valid.to(leaf_advantages.device)
+
+
+# ------------------------------------------------------------------------------------------------ per-prompt trackers
+class BetaTracker:
+    """A Beta(alpha_i, beta_i) belief over each prompt's success probability p_i (rewards in [0, 1]).
+
+    Shared state of SPO's value tracker and VADE's prompt sampler. ``update`` first decays the previous evidence
+    toward the prior, ``alpha <- alpha0 + rho·(alpha - alpha0)`` (same for beta; ``rho = 1`` keeps everything,
+    ``rho = 0`` forgets everything), then adds the new observations: ``alpha += Σ r``, ``beta += Σ (1 - r)``.
+
+    Args:
+        n_prompts: number of prompts tracked (indices 0..n-1).
+        alpha0, beta0: prior pseudo-counts (> 0).
+    """
+
+    def __init__(self, n_prompts: int, alpha0: float = 1.0, beta0: float = 1.0) -> None:
+        if alpha0 <= 0 or beta0 <= 0:
+            raise ValueError(f"alpha0 and beta0 must be > 0, got {alpha0}, {beta0}")
+        self.alpha0, self.beta0 = float(alpha0), float(beta0)
+        self.alpha = torch.full((n_prompts,), self.alpha0, dtype=torch.float64)
+        self.beta = torch.full((n_prompts,), self.beta0, dtype=torch.float64)
+
+    def mean(self, idx: Tensor | None = None) -> Tensor:
+        """``alpha / (alpha + beta)`` (the value estimate), for ``idx`` or all prompts."""
+        a, b = (self.alpha, self.beta) if idx is None else (self.alpha[idx], self.beta[idx])
+        return a / (a + b)
+
+    def update(self, idx: Tensor, rewards: Tensor, rho: float | Tensor = 1.0) -> None:
+        """Decay prompts ``idx`` (once each, ``rho`` scalar or per entry of ``idx``), then add ``rewards`` (``[n]``
+        in [0, 1], several per prompt allowed; NaN skipped)."""
+        idx = idx.long().cpu()
+        r = rewards.detach().to(torch.float64).cpu()
+        rho_t = torch.as_tensor(rho, dtype=torch.float64).expand(idx.shape).clone()
+        uniq, first = _first_occurrence(idx)
+        rho_u = rho_t[first]
+        self.alpha[uniq] = self.alpha0 + rho_u * (self.alpha[uniq] - self.alpha0)
+        self.beta[uniq] = self.beta0 + rho_u * (self.beta[uniq] - self.beta0)
+        ok = ~torch.isnan(r)
+        self.alpha.index_add_(0, idx[ok], r[ok])
+        self.beta.index_add_(0, idx[ok], 1 - r[ok])
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"alpha": self.alpha.clone(), "beta": self.beta.clone()}
+
+    def load_state_dict(self, sd: dict[str, Tensor]) -> None:
+        self.alpha, self.beta = sd["alpha"].clone(), sd["beta"].clone()
+
+
+def _first_occurrence(idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Unique values of ``idx`` and the position of each one's first occurrence."""
+    uniq, inv = torch.unique(idx, return_inverse=True)
+    pos = torch.arange(idx.numel())
+    first = torch.full((uniq.numel(),), idx.numel(), dtype=torch.long).scatter_reduce(0, inv, pos, "amin")
+    return uniq, first
+
+
+def spo_decay(kl: Tensor | float, d_half: float, rho_min: float = 0.875, rho_max: float = 0.96) -> Tensor:
+    """SPO's KL-adaptive forgetting factor: ``rho = clamp(2^(-D / D_half), rho_min, rho_max)``,
+    D = KL between the current policy and the one that last saw the prompt: the more the policy moved, the more
+    of the old evidence is forgotten."""
+    if d_half <= 0:
+        raise ValueError(f"d_half must be > 0, got {d_half}")
+    d = torch.as_tensor(kl, dtype=torch.float64)
+    return torch.exp2(-d / d_half).clamp(rho_min, rho_max)
+
+
+def spo_advantages(tracker: BetaTracker, prompt_idx: Tensor, rewards: Tensor, *, rho: float | Tensor = 1.0,
+                   normalize: bool = True, eps: float = 1e-4) -> Tensor:
+    """SPO single-stream advantages (one sample per prompt, no group): ``A_i = r_i - v(prompt_i)`` with
+    ``v = alpha/(alpha+beta)`` of the tracker *before* this batch, then normalised over the batch
+    (``(A - mean)/(std + eps)``, population std) when ``normalize``; finally the tracker is updated with decay
+    ``rho`` (:func:`spo_decay`). NaN rewards give advantage 0 and are not tracked.
+
+    Returns:
+        ``[B]`` float32.
+    """
+    r = rewards.detach().to(torch.float64).cpu()
+    idx = prompt_idx.long().cpu()
+    adv = r - tracker.mean(idx)
+    ok = ~torch.isnan(adv)
+    if normalize and ok.any():
+        a = adv[ok]
+        adv[ok] = (a - a.mean()) / (a.std(correction=0) + eps)
+    adv = torch.where(ok, adv, torch.zeros_like(adv))
+    tracker.update(idx, r, rho)
+    return adv.to(torch.float32).to(rewards.device)
+
+
+def vade_select(tracker: BetaTracker, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """VADE prompt selection (variance-aware dynamic sampling): Thompson-sample
+    ``p~_i ~ Beta(alpha_i, beta_i)`` for every prompt and take the k prompts with the largest ``p~(1 - p~)`` (the
+    expected reward variance, i.e. the expected GRPO signal). Decay the tracker between steps
+    (``BetaTracker.update`` with ``rho < 1``) so stale beliefs fade.
+
+    Returns:
+        ``[k]`` long prompt indices, best first.
+    """
+    n = tracker.alpha.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    # Beta(a, b) = Ga / (Ga + Gb) with Gamma draws; torch._standard_gamma takes no generator, so draw via numpy
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else None
+    rng = __import__("numpy").random.default_rng(seed)
+    p = torch.from_numpy(rng.beta(tracker.alpha.numpy(), tracker.beta.numpy()))
+    return torch.topk(p * (1 - p), k).indices
+
+
+def knapsack_value(n: Tensor | int, p: Tensor | float) -> Tensor:
+    """Knapsack-RL value of giving a prompt with success rate p a budget of n rollouts:
+    ``[1 - p^n - (1 - p)^n] · p(1 - p)²`` - the chance that the group has a non-zero gradient (not all equal)
+    times the information gain of the prompt."""
+    n_t = torch.as_tensor(n, dtype=torch.float64)
+    p_t = torch.as_tensor(p, dtype=torch.float64)
+    return (1 - p_t**n_t - (1 - p_t) ** n_t) * p_t * (1 - p_t) ** 2
+
+
+def knapsack_budgets(p: Tensor, total: int, *, n_min: int = 2, n_max: int | None = None) -> Tensor:
+    """Knapsack-RL rollout allocation: maximise ``Σ_i knapsack_value(n_i, p_i)`` subject to
+    ``Σ n_i = total``, ``n_min <= n_i <= n_max``, by dynamic programming over (prompt, budget used).
+
+    Args:
+        p: ``[P]`` estimated success rates (e.g. :class:`BetaTracker` means).
+        total: total rollouts; needs ``P·n_min <= total <= P·n_max``.
+        n_min, n_max: per-prompt bounds (``n_max`` None = ``total``).
+
+    Returns:
+        ``[P]`` long budgets summing to ``total``. Ties go to the earliest prompts.
+    """
+    P = p.numel()
+    n_max = total if n_max is None else n_max
+    if not (0 <= n_min <= n_max) or not (P * n_min <= total <= P * n_max):
+        raise ValueError(f"infeasible: {P} prompts, budgets in [{n_min}, {n_max}], total {total}")
+    ns = torch.arange(n_min, n_max + 1)
+    vals = knapsack_value(ns[None, :], p.detach().to(torch.float64).cpu()[:, None])  # [P, K]
+    neg = float("-inf")
+    best = torch.full((P + 1, total + 1), neg, dtype=torch.float64)
+    choice = torch.zeros((P + 1, total + 1), dtype=torch.long)
+    best[0, 0] = 0.0
+    for i in range(1, P + 1):
+        for b in range(total + 1):
+            for j, n in enumerate(ns.tolist()):
+                if n <= b and best[i - 1, b - n] > neg:
+                    v = best[i - 1, b - n] + vals[i - 1, j]
+                    if v > best[i, b] + 1e-15:
+                        best[i, b], choice[i, b] = v, n
+    out, b = torch.zeros(P, dtype=torch.long), total
+    for i in range(P, 0, -1):
+        out[i - 1] = choice[i, b]
+        b -= int(choice[i, b])
+    return out
+
+
+def gvm_budgets(p: Tensor, grad_norms: Tensor, total: int, *, alpha: float = 1e-3, beta: float = 2.0,
+                n_min: int = 1) -> Tensor:
+    """GVM-RAFT sample allocation: ``n_i ∝ G_i / sqrt(p_i + alpha / p_i^(beta - 1))`` with G_i
+    the prompt's gradient-norm estimate and p_i its acceptance (success) rate - more samples where gradients are
+    large and successes rare. Rounded by largest remainder to sum to ``total``, at least ``n_min`` each.
+
+    Returns:
+        ``[P]`` long budgets summing to ``total``.
+    """
+    P = p.numel()
+    if total < P * n_min:
+        raise ValueError(f"total {total} < {P} prompts x n_min {n_min}")
+    pp = p.detach().to(torch.float64).cpu().clamp_min(1e-6)
+    w = grad_norms.detach().to(torch.float64).cpu() / torch.sqrt(pp + alpha / pp ** (beta - 1))
+    free = total - P * n_min
+    share = w / w.sum() * free if w.sum() > 0 else torch.full((P,), free / P, dtype=torch.float64)
+    base = share.floor().long()
+    rest = free - int(base.sum())
+    order = torch.argsort(share - base, descending=True, stable=True)
+    base[order[:rest]] += 1
+    return base + n_min
+
+
+def max_variance_subset(values: Tensor, k: int) -> Tensor:
+    """D³S sample-level selection: the k of n values whose (population) variance is largest. Such a subset is
+    always the j largest plus the k - j smallest values for some j (extremes); all k + 1 splits are tried.
+
+    Args:
+        values: ``[n]`` (e.g. one group's advantages).
+        k: subset size, ``2 <= k <= n``.
+
+    Returns:
+        ``[n]`` bool mask of the chosen samples (ties: the earliest split and stable sort order).
+    """
+    n = values.numel()
+    if not 2 <= k <= n:
+        raise ValueError(f"k must be in [2, {n}], got {k}")
+    v = values.detach().to(torch.float64)
+    order = torch.argsort(v, stable=True)
+    best, best_mask = -1.0, None
+    for j in range(k + 1):  # j largest, k - j smallest
+        idx = torch.cat([order[: k - j], order[n - j :]]) if j else order[:k]
+        var = float(v[idx].var(correction=0))
+        if var > best + 1e-15:
+            best = var
+            best_mask = torch.zeros(n, dtype=torch.bool)
+            best_mask[idx] = True
+    return best_mask

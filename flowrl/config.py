@@ -63,8 +63,9 @@ class SamplingConfig:
 
 @dataclasses.dataclass
 class PlanConfig:
-    plan: Literal["full", "window"] = "full"
-    """``full``: Flow-GRPO SDE on every step; ``window``: SDE and training only inside a window (Flow-GRPO-Fast)."""
+    plan: Literal["full", "window", "tempflow", "g2rpo", "tree"] = "full"
+    """``full``: Flow-GRPO SDE on every step; ``window``: SDE and training only inside a window (Flow-GRPO-Fast);
+    branching plans (samplers.branching): ``tempflow`` (TempFlow-GRPO), ``g2rpo`` (G²RPO), ``tree`` (Dynamic-TreeRPO)."""
     step_kind: Literal["sde", "cps", "dance"] = "sde"
     """Stochastic step: Flow-GRPO SDE, Coefficients-Preserving Sampling, DanceGRPO."""
     noise_level: float = 0.7
@@ -91,6 +92,22 @@ class PlanConfig:
     flash_ratio: float = 1.0
     """ODE tail compression r in (0, 1]: its m steps become max(int(m * r), 1) steps on a schedule interpolated from
     the remaining sigmas (MixGRPO-Flash 0.4, Flash* 0.2); 1 = the original steps."""
+    branch_factor: int = 2
+    """Branching plans: children per branch node from one shared forward (TempFlow K, G²RPO G, tree b)."""
+    branch_steps: list[int] | None = None
+    """``tempflow`` / ``g2rpo``: schedule positions that branch; None = every step but the last (tempflow), the
+    first half (g2rpo)."""
+    granularities: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3])
+    """``g2rpo``: granularities Λ; a child of step k is finished on sigmas[:k+2] + sigmas[k+2::g] for each g."""
+    tempflow_grouping: Literal["seed", "prompt"] = "seed"
+    """``tempflow``: advantages per (prompt, step) over the K siblings of one seed, or over all of the prompt's seeds."""
+    tree_depth: int = 4
+    """``tree``: SDE levels d; the tree fills the window [l, l + d) (window_size is not used: the width is d), whose
+    start l follows window_start / window_schedule / window_tau / window_shift / window_wrap."""
+    tree_noise_growth: float = 1.0
+    """``tree``: noise at level t = 0..d-1 is noise_level * (1 + growth * t / d)."""
+    tree_backup: Literal["mean", "softmax"] = "mean"
+    """``tree``: a node's advantage is the mean of its children's, or their softmax(log p_old)-weighted sum."""
 
 
 @dataclasses.dataclass
@@ -98,9 +115,10 @@ class GRPOConfig:
     prompts_per_step: int = 8
     """Prompts per optimizer step (per process)."""
     group_size: int = 8
-    """Samples per prompt (G)."""
+    """Samples per prompt (G); branching plans: roots (TempFlow seeds, G²RPO anchors, trees) per prompt."""
     sample_batch_size: int = 32
-    """Sampling batch = training micro-batch (SD3 output depends on batch composition); divides prompts*group."""
+    """Sampling batch = training micro-batch (SD3 output depends on batch composition); divides prompts*group.
+    Branching plans: branch nodes per forward chunk (any value), replayed as the training micro-batches."""
     std_mode: Literal["group", "global"] = "group"
     """Advantage std per group or over the whole batch."""
     adv_clip_max: float = 5.0
@@ -123,6 +141,21 @@ class GRPOConfig:
     the step's noise std (TempFlow-GRPO). One or the other: GRPO-Guard found the two combined collapse quality."""
     step_grad_norms: bool = True
     """Log each trained step's gradient norm and share (costs one copy of the trainable parameters' gradients)."""
+    branch_update: Literal["batch", "step"] = "batch"
+    """Branching plans: optimizer updates per batch as usual (``batch``), or one per branch step (``step``, G²RPO's
+    option; gradient_accumulation_steps still splits a step's micro-batches)."""
+    dynamic_clip: bool = False
+    """Branching plans: per-transition clip range between dynamic_clip_low and dynamic_clip_high by a sigmoid of the
+    normalised advantage (Dynamic-TreeRPO); replaces clip_range."""
+    dynamic_clip_low: float | None = None
+    """Narrowest dynamic clip range; None = clip_range / 2."""
+    dynamic_clip_high: float | None = None
+    """Widest dynamic clip range; None = 2 * clip_range."""
+    dynamic_clip_sensitivity: float = 1.0
+    """Slope of the dynamic clip sigmoid."""
+    sft_weight: float = 0.0
+    """``tree`` plan: lambda of the LayerTuning SFT term lambda * sum_t w_t ||v(x_t) - v*_t||^2 toward the tree's
+    best path (0 = off)."""
 
 
 @dataclasses.dataclass
@@ -195,7 +228,8 @@ class TextConfig:
     sft_warmup_steps: int = 300
     """``tiny`` only: supervised warm-up steps on the training problems before RL."""
     sft_noise: float = 0.6
-    """``tiny`` only: share of warm-up answers replaced by a wrong one, so RL has something to fix."""
+    """``tiny`` only: share of warm-up answers replaced by answer + 1 (a systematic off-by-one habit; > 0.5 makes the
+    wrong answer the most likely one), so RL has something to fix."""
     mask_truncated: bool = False
     """DAPO overlong filtering: truncated completions get no loss."""
     overlong_buffer: int = 0
@@ -417,10 +451,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(bool(cfg.rewards), "at least one reward is needed (e.g. --reward scenes)")
     for name, w in cfg.rewards.items():
         need(w == w and abs(w) < float("inf"), f"reward weight of {name!r} must be finite, got {w}")
-    need(g.group_size >= 2, f"group_size must be >= 2 (advantages compare samples within a group), got {g.group_size}")
+    branching = p.plan in ("tempflow", "g2rpo", "tree")
+    if branching:  # group_size = roots (seeds / anchors / trees) per prompt; the groups are the siblings
+        need(g.group_size >= 1, f"group_size (roots per prompt) must be >= 1, got {g.group_size}")
+    else:
+        need(g.group_size >= 2, f"group_size must be >= 2 (advantages compare samples within a group), got {g.group_size}")
     need(g.prompts_per_step >= 1, f"prompts_per_step must be >= 1, got {g.prompts_per_step}")
     total = g.prompts_per_step * g.group_size
-    need(g.sample_batch_size >= 1 and total % g.sample_batch_size == 0,
+    need(g.sample_batch_size >= 1 and (branching or total % g.sample_batch_size == 0),
          f"sample_batch_size={g.sample_batch_size} must divide prompts_per_step*group_size={total}")
     need(0 < g.clip_range < 1, f"clip_range must be in (0, 1), got {g.clip_range}")
     need(g.clip_range_high is None or 0 < g.clip_range_high < 10, f"clip_range_high must be in (0, 10), got {g.clip_range_high}")
@@ -444,9 +482,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         need(p.window_shift >= 1, f"window_shift must be >= 1, got {p.window_shift}")
     need(p.step_kind != "cps" or p.noise_level <= 1, f"noise_level (CPS eta) must be in (0, 1], got {p.noise_level}")
     need(0 < p.flash_ratio <= 1, f"flash_ratio must be in (0, 1] (1 = no tail compression), got {p.flash_ratio}")
-    need(p.plan == "window" or p.ode_after_train or (p.ode_solver == "euler" and p.flash_ratio == 1),
+    need(p.plan in ("window", "tempflow", "g2rpo", "tree") or p.ode_after_train
+         or (p.ode_solver == "euler" and p.flash_ratio == 1),
          f"ode_solver={p.ode_solver!r} / flash_ratio={p.flash_ratio} act on the ODE tail after the SDE steps; "
          "use plan=window, or plan=full with ode_after_train=true")
+    _validate_branching(cfg, need)
     need(o.learning_rate > 0, f"learning_rate must be > 0, got {o.learning_rate}")
     need(o.max_grad_norm > 0, f"max_grad_norm must be > 0, got {o.max_grad_norm}")
     need(0 <= o.ema_decay < 1, f"ema_decay must be in [0, 1), got {o.ema_decay}")
@@ -471,6 +511,54 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(0 <= t.sft_noise < 1, f"sft_noise must be in [0, 1), got {t.sft_noise}")
     need(t.beta_end is None or t.beta_end >= 0, f"beta_end must be >= 0, got {t.beta_end}")
     return cfg
+
+
+def _validate_branching(cfg: TrainConfig, need) -> None:
+    """Checks of the branching plans (tempflow, g2rpo, tree) and of the options only they implement."""
+    g, p, T = cfg.grpo, cfg.plan, cfg.sampling.num_inference_steps
+    branching = p.plan in ("tempflow", "g2rpo", "tree")
+    for name, on in (("dynamic_clip", g.dynamic_clip), ("branch_update='step'", g.branch_update == "step")):
+        need(branching or not on, f"{name} is implemented for the branching plans (tempflow, g2rpo, tree), "
+                                  f"not plan={p.plan!r}")
+    need(g.sft_weight >= 0, f"sft_weight must be >= 0, got {g.sft_weight}")
+    need(g.sft_weight == 0 or p.plan == "tree",
+         f"sft_weight (LayerTuning SFT toward the tree's best path) needs plan='tree', got plan={p.plan!r}")
+    if g.dynamic_clip:
+        lo = g.dynamic_clip_low if g.dynamic_clip_low is not None else g.clip_range / 2
+        hi = g.dynamic_clip_high if g.dynamic_clip_high is not None else 2 * g.clip_range
+        need(0 <= lo <= hi < 1,
+             f"dynamic clip range needs 0 <= dynamic_clip_low <= dynamic_clip_high < 1, got {lo}, {hi}")
+        need(g.clip_range_high is None,
+             "dynamic_clip sets a symmetric range per transition; clip_range_high must be null")
+    if not branching:
+        return
+    need(p.plan != "tempflow" or g.step_weighting != "guard",
+         "plan='tempflow' (TempFlow-GRPO) weights its steps by noise (step_weighting 'tempflow'); GRPO-Guard's "
+         "1/|dmean/dv| reweighting (step_weighting 'guard', e.g. from the grpo_guard preset) is mutually exclusive "
+         "with it (GRPO-Guard's ablation: together they speed up optimisation but collapse image quality earlier). "
+         "Use --step_weighting tempflow (GRPO-Guard's ratio_norm alone composes) or uniform")
+    need(p.branch_factor >= 2, f"branch_factor must be >= 2 (siblings are compared), got {p.branch_factor}")
+    if p.plan in ("tempflow", "g2rpo") and p.branch_steps is not None:
+        bs = list(p.branch_steps)
+        need(bool(bs) and len(set(bs)) == len(bs) and all(0 <= i < T for i in bs),
+             f"branch_steps must be distinct schedule positions in [0, num_inference_steps - 1 = {T - 1}], got {bs}")
+    if p.plan == "g2rpo":
+        need(bool(p.granularities) and all(int(x) >= 1 for x in p.granularities),
+             f"granularities must be a non-empty list of integers >= 1, got {p.granularities}")
+        need(p.flash_ratio == 1, "plan='g2rpo' finishes children on its granularities' schedules; flash_ratio must be 1")
+    if p.plan == "tree":
+        need(1 <= p.tree_depth <= T, f"tree_depth must be in [1, num_inference_steps={T}], got {p.tree_depth}")
+        need(0 <= p.window_start <= T - p.tree_depth,
+             f"window_start must be in [0, {T - p.tree_depth}] (the tree fills [l, l + tree_depth)), "
+             f"got {p.window_start}")
+        need(p.window_tau >= 1, f"window_tau must be >= 1 (iterations per window position), got {p.window_tau}")
+        need(p.window_shift >= 1, f"window_shift must be >= 1, got {p.window_shift}")
+        need(p.tree_noise_growth >= 0, f"tree_noise_growth must be >= 0, got {p.tree_noise_growth}")
+        eta_max = p.noise_level * (1 + p.tree_noise_growth * (p.tree_depth - 1) / p.tree_depth)
+        need(p.step_kind != "cps" or eta_max <= 1,
+             f"CPS eta must stay <= 1 at every tree level; noise_level * (1 + tree_noise_growth * (d-1)/d) = {eta_max}")
+        leaves = p.branch_factor ** p.tree_depth
+        need(leaves <= 4096, f"branch_factor ** tree_depth = {leaves} leaves per tree is more than 4096")
 
 
 def to_dict(cfg: TrainConfig) -> dict:

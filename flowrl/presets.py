@@ -89,6 +89,34 @@ PRESETS: dict[str, dict] = {
         "grpo": {"ratio_norm": True, "step_weighting": "guard", "clip_range": 2e-6, "beta": 0.0},
         "optim": {"gradient_accumulation_steps": 1},
     },
+    # ------------------------------------------------------------------------------------------ branching plans
+    # group_size = roots per prompt (seeds / anchors / trees); the advantage groups are siblings (samplers.branching).
+    "tempflow_grpo": {
+        "_doc": "TempFlow-GRPO (arXiv 2508.04324): ODE main trajectory, K=6 SDE children at every step but the last, "
+        "each finished by ODE (process reward per step), advantages per (prompt, step, seed), noise-aware step "
+        "weights; N=4 seeds per prompt.",
+        "plan": {"plan": "tempflow", "step_kind": "sde", "noise_level": 0.7, "branch_factor": 6, "branch_steps": None,
+                 "tempflow_grouping": "seed", "ode_solver": "euler", "flash_ratio": 1.0},
+        "grpo": {"group_size": 4, "step_weighting": "tempflow"},
+    },
+    "g2rpo": {
+        "_doc": "G²RPO (arXiv 2510.01982): ODE anchor per prompt, G=12 SDE children at each of the first half of the "
+        "steps, each finished on granularities {1,2,3}; A = sum of per-granularity group advantages; beta 0.",
+        "plan": {"plan": "g2rpo", "step_kind": "sde", "noise_level": 0.7, "branch_factor": 12, "branch_steps": None,
+                 "granularities": [1, 2, 3], "ode_solver": "euler", "flash_ratio": 1.0},
+        "grpo": {"group_size": 1, "beta": 0.0},
+    },
+    "dynamic_treerpo": {
+        "_doc": "Dynamic-TreeRPO (arXiv 2509.23352): binary tree of depth 4 (16 leaves, 30 SDE transitions) in a "
+        "MixGRPO-style sliding window, noise growing with depth, leaf advantages backed up to nodes, dynamic clipping, "
+        "SFT toward the best path; no KL.",
+        # window clock as mixgrpo (tau 10 on our ~100-iteration CPU runs); sft_weight and the clip range are our
+        # choices (the paper publishes neither form nor values), see flowrl/branching_trainer.py.
+        "plan": {"plan": "tree", "step_kind": "sde", "noise_level": 0.7, "branch_factor": 2, "tree_depth": 4,
+                 "tree_noise_growth": 1.0, "tree_backup": "mean", "window_start": 0, "window_schedule": "progressive",
+                 "window_tau": 10, "window_shift": 1, "window_wrap": True, "ode_solver": "euler", "flash_ratio": 1.0},
+        "grpo": {"group_size": 1, "beta": 0.0, "dynamic_clip": True, "sft_weight": 0.01},
+    },
 }
 
 

@@ -46,6 +46,10 @@ def resolve_model_path(name: str) -> str:
 
 def make_plan(cfg: TrainConfig):
     p = cfg.plan
+    if p.plan in ("tempflow", "g2rpo", "tree"):  # branching plans: samplers.branching, flowrl.branching_trainer
+        from .branching_trainer import make_branch_plan
+
+        return make_branch_plan(cfg)
     tail = {"ode_solver": p.ode_solver, "flash_ratio": p.flash_ratio}
     if p.plan == "full":
         return FullSDEPlan(p.step_kind, p.noise_level, p.train_fraction, p.ode_after_train, **tail)
@@ -81,6 +85,8 @@ class Batch:
 
 class Trainer:
     """Flow-GRPO-family trainer. ``Trainer(cfg).train()``; see the module docstring."""
+
+    branching = False  # set in setup: the plan branches (samplers.branching)
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -140,9 +146,15 @@ class Trainer:
             self.params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.adam_weight_decay,
             eps=o.adam_epsilon,
         )
-        self.n_micro = cfg.grpo.prompts_per_step * cfg.grpo.group_size // cfg.grpo.sample_batch_size
-        self.accum = min(o.gradient_accumulation_steps or self.n_micro, self.n_micro)
-        updates_per_step = cfg.grpo.num_inner_epochs * math.ceil(self.n_micro / self.accum)
+        self.branching = getattr(self.plan, "branching", False)
+        if self.branching:  # micro-batches = the sampling's node chunks (flowrl.branching_trainer)
+            from .branching_trainer import micro_batch_schedule
+
+            self.n_micro, self.accum, updates_per_step = micro_batch_schedule(self)
+        else:
+            self.n_micro = cfg.grpo.prompts_per_step * cfg.grpo.group_size // cfg.grpo.sample_batch_size
+            self.accum = min(o.gradient_accumulation_steps or self.n_micro, self.n_micro)
+            updates_per_step = cfg.grpo.num_inner_epochs * math.ceil(self.n_micro / self.accum)
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler(
@@ -230,6 +242,10 @@ class Trainer:
 
     @torch.no_grad()
     def sample_and_score(self, step: int) -> tuple[Batch, float]:
+        if self.branching:  # TempFlow-GRPO / G²RPO / Dynamic-TreeRPO: per-transition rows + advantages
+            from . import branching_trainer
+
+            return branching_trainer.sample_and_score(self, step)
         cfg, g = self.cfg, self.cfg.grpo
         t0 = time.time()
         prompts, group_ids, sample_ids = self.step_prompts(step)
@@ -258,16 +274,7 @@ class Trainer:
             self._conds.append(cond)
         images_t = torch.cat(images)
         scores = score_all(self.rewards, images_t.to(self.device), prompts)
-        main = {k: v.to(self.device) for k, v in scores.items() if k in self.rewards}
-        all_rewards = {k: self.accelerator.gather(v.to(self.device)) for k, v in main.items()}
-        all_groups = self.accelerator.gather(group_ids.to(self.device))
-        weights = {k: float(w) for k, w in cfg.rewards.items()}
-        if len(all_rewards) == 1:
-            (name,) = all_rewards
-            adv = group_advantages(all_rewards[name] * weights[name], all_groups, std_mode=g.std_mode)
-        else:
-            adv = multi_reward_advantages(all_rewards, weights, all_groups, mode=g.reward_aggregation,
-                                          std_mode=g.std_mode)
+        adv = self.gathered_advantages(scores, group_ids)
         n = len(prompts)
         mine = slice(self.rank * n, (self.rank + 1) * n)
         batch = Batch(
@@ -282,9 +289,27 @@ class Trainer:
         )
         return batch, time.time() - t0
 
+    def gathered_advantages(self, scores: dict[str, Tensor], group_ids: Tensor):
+        """Group advantages of the configured rewards over the batch gathered from all processes (rows of every
+        process, in rank order): one reward weighted, or several aggregated by ``reward_aggregation``."""
+        g = self.cfg.grpo
+        main = {k: v.to(self.device) for k, v in scores.items() if k in self.rewards}
+        all_rewards = {k: self.accelerator.gather(v.to(self.device)) for k, v in main.items()}
+        all_groups = self.accelerator.gather(group_ids.to(self.device))
+        weights = {k: float(w) for k, w in self.cfg.rewards.items()}
+        if len(all_rewards) == 1:
+            (name,) = all_rewards
+            return group_advantages(all_rewards[name] * weights[name], all_groups, std_mode=g.std_mode)
+        return multi_reward_advantages(all_rewards, weights, all_groups, mode=g.reward_aggregation,
+                                       std_mode=g.std_mode)
+
     # ------------------------------------------------------------------------------------------------ update
     def update(self, batch: Batch) -> dict[str, float]:
         """``num_inner_epochs`` passes of clipped-surrogate updates over the stored transitions."""
+        if self.branching:
+            from . import branching_trainer
+
+            return branching_trainer.update(self, batch)
         cfg, g = self.cfg, self.cfg.grpo
         self.policy.transformer.train(False)  # dropout stays off: sampling and training see the same function
         sums: dict[str, float] = {}
@@ -396,17 +421,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ metrics
     def step_metrics(self, batch: Batch, train: dict, t_sample: float, t_train: float) -> dict:
+        if self.branching:
+            from . import branching_trainer
+
+            return branching_trainer.step_metrics(self, batch, train, t_sample, t_train)
         cfg = self.cfg
-        m: dict = {}
-        for name, s in batch.rewards.items():
-            s = self.accelerator.gather(s.to(self.device)).cpu()
-            ok = s[~torch.isnan(s)]
-            m[f"reward/{name}/mean"] = float(ok.mean()) if len(ok) else float("nan")
-            if name in self.rewards:
-                m[f"reward/{name}/std"] = float(ok.std(unbiased=False)) if len(ok) else float("nan")
-                m[f"reward/{name}/nan_count"] = int(torch.isnan(s).sum())
-        total = sum(cfg.rewards[k] * torch.nan_to_num(batch.rewards[k]) for k in self.rewards)
-        m["reward/mean"] = float(total.mean())
+        m = self.reward_metrics(batch.rewards)
         for k, v in train.items():
             if not k.startswith("_"):  # "_" keys: per-step sums, turned into per-step diagnostics below
                 m[f"train/{k}"] = v
@@ -423,6 +443,20 @@ class Trainer:
         S = batch.rollouts[0].latents.shape[1]
         m["nfe/sampling"] = batch.rollouts[0].nfe * n * cfg_mult  # Rollout.nfe: evaluations per trajectory
         m["nfe/training"] = n * S * train_mult * cfg.grpo.num_inner_epochs * (2 if cfg.grpo.beta > 0 else 1)
+        return m
+
+    def reward_metrics(self, rewards: dict[str, Tensor]) -> dict:
+        """``reward/{name}/mean|std|nan_count`` over the samples of all processes, ``reward/mean`` (weighted total)."""
+        m: dict = {}
+        for name, s in rewards.items():
+            s = self.accelerator.gather(s.to(self.device)).cpu()
+            ok = s[~torch.isnan(s)]
+            m[f"reward/{name}/mean"] = float(ok.mean()) if len(ok) else float("nan")
+            if name in self.rewards:
+                m[f"reward/{name}/std"] = float(ok.std(unbiased=False)) if len(ok) else float("nan")
+                m[f"reward/{name}/nan_count"] = int(torch.isnan(s).sum())
+        total = sum(self.cfg.rewards[k] * torch.nan_to_num(rewards[k]) for k in self.rewards)
+        m["reward/mean"] = float(total.mean())
         return m
 
     def log(self, metrics: dict, step: int, append_to_last: bool = False) -> None:

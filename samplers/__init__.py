@@ -6,6 +6,9 @@ callable and knows nothing of the model that provides it.
 * :mod:`samplers.steps` — pure one-step transitions returning :class:`StepOutput`
   (Euler ODE, Flow-GRPO SDE, CPS, DanceGRPO) and the GRPO-Guard factor :func:`dmean_dv`.
 * :mod:`samplers.solvers` — ODE loops (Euler, DPM-Solver++ 2M) for the deterministic stretches of a plan.
+* :mod:`samplers.plans` / :mod:`samplers.rollout` — linear plans (full SDE, windows) and their rollouts.
+* :mod:`samplers.branching` — branching plans (TempFlow-GRPO, G²RPO, Dynamic-TreeRPO): one forward per branch node
+  serves its K children, ODE continuations on any sub-schedule, rollouts of per-transition rows.
 """
 
 from .solvers import VelocityFn, dpm_solver_2m, dpm_solver_2m_step, euler_ode, nfe
