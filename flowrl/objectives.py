@@ -452,7 +452,7 @@ def kl_weight_schedule(
     beta_end: float,
     kind: Literal["constant", "linear", "cosine", "exp"] = "linear",
 ) -> float:
-    """KL weight at ``step`` (OThink-MR1 GRPO-D's dynamic KL, arXiv 2503.16081; the exact curve is not published
+    """KL weight at ``step`` (OThink-MR1 GRPO-D's dynamic KL; the exact curve is not published
     in a form we could check, so the shape is a choice).
 
     With ``u = clamp(step / total_steps, 0, 1)``: ``constant`` -> ``beta_start``; ``linear`` ->

@@ -172,7 +172,7 @@ def text_policy_loss(
 
 def dcpo_clip_bounds(old_log_prob: Tensor, eps_low: float = 0.16, eps_high: float = 0.2, *,
                      max_ratio: float = 10.0) -> tuple[Tensor, Tensor]:
-    """DCPO token-prior clip bounds (arXiv 2509.02333), as per-token ``(clip_range, clip_range_high)`` widths.
+    """DCPO token-prior clip bounds, as per-token ``(clip_range, clip_range_high)`` widths.
 
     With ``q = π_old(token)``, the ratio is kept in
     ``½ + ½·sqrt(max(1 - 4·eps_low/q, 0)) <= r <= ½ + ½·sqrt(1 + 4·eps_high/q)``: rare tokens (small q) get a
@@ -192,7 +192,7 @@ def dcpo_clip_bounds(old_log_prob: Tensor, eps_low: float = 0.16, eps_high: floa
 
 
 def overlong_penalty(lengths: Tensor, max_length: int, buffer: int, penalty: float = 1.0) -> Tensor:
-    """DAPO soft overlong punishment, added to the reward (arXiv 2503.14476, Eq. 13).
+    """DAPO soft overlong punishment, added to the reward (arXiv 2503.14476).
 
     With ``L_max = max_length`` and cache ``L_c = buffer``: ``0`` if ``|y| <= L_max - L_c``;
     ``penalty · ((L_max - L_c) - |y|) / L_c`` (from 0 down to ``-penalty``) if ``L_max - L_c < |y| <= L_max``;
@@ -212,4 +212,5 @@ def overlong_penalty(lengths: Tensor, max_length: int, buffer: int, penalty: flo
     y = lengths.float()
     start = max_length - buffer
     soft = (start - y) / buffer * penalty
-    return torch.where(y <= start, torch.zeros_like(y), torch.where(y <= max_length, soft, torch.full_like(y, -penalty)))
+    beyond = torch.where(y <= max_length, soft, torch.full_like(y, -penalty))
+    return torch.where(y <= start, torch.zeros_like(y), beyond)

@@ -10,7 +10,8 @@ turned into group advantages, then ``num_inner_epochs`` passes of token-level cl
 recomputed on the exact micro-batch the update sees, so the first pass has ratio exactly 1.
 
 Settings come from the same config tree as images: ``grpo`` (group size, clip ranges, beta...), ``optim``,
-``eval.eval_steps``, checkpointing and ``rewards`` at the top level, and the ``text`` section. An unset
+``eval.eval_steps`` / ``eval.eval_sets`` (``eval`` = training problems, ``heldout`` = the held-out split; greedy
+decoding), checkpointing and ``rewards`` at the top level, and the ``text`` section. An unset
 ``rewards`` (the image default ``{scenes: 1}``) means ``{exact_answer: 1}`` here. Not used for text: EMA, the
 ``sampling`` / ``plan`` sections.
 
@@ -175,10 +176,11 @@ class TextTrainer:
         self.reward_weights = text_rewards(cfg)
         self.rewards = {name: get_text_reward(name) for name in self.reward_weights}
         self.train_problems = task_problems(cfg, "train")
-        self.eval_sets = {
-            "eval": shuffled(self.train_problems, cfg.seed)[: t.eval_max_examples],
-            "heldout": task_problems(cfg, "heldout")[: t.eval_max_examples],
+        sets = {  # ``eval.eval_sets`` picks among these two
+            "eval": lambda: shuffled(self.train_problems, cfg.seed)[: t.eval_max_examples],
+            "heldout": lambda: task_problems(cfg, "heldout")[: t.eval_max_examples],
         }
+        self.eval_sets = {name: make() for name, make in sets.items() if name in cfg.eval.eval_sets}
         self.optimizer = torch.optim.AdamW(self.params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
                                            weight_decay=o.adam_weight_decay, eps=o.adam_epsilon)
         n_micro = math.ceil(g.prompts_per_step * g.group_size / g.sample_batch_size)
@@ -540,7 +542,8 @@ class TextTrainer:
         if self.accelerator.is_main_process:  # drop metrics logged after the checkpoint by the interrupted run
             mpath = self.out / "metrics.jsonl"
             if mpath.is_file():
-                keep = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+                keep = [ln for ln in mpath.read_text().splitlines()
+                        if ln.strip() and json.loads(ln)["step"] <= self.step]
                 mpath.write_text("".join(ln + "\n" for ln in keep))
         self.accelerator.print(f"resumed from {path} at step {self.step}")
 
@@ -595,7 +598,9 @@ def preflight_text(cfg: TrainConfig) -> None:
         except FileNotFoundError as e:
             raise ConfigError(f"lm_name_or_path: {e}") from None
         p = Path(path)
-        if (p.exists() or path.startswith((".", "/", "~"))) and not p.is_dir():
+        if path.startswith((".", "/", "~")) and not p.exists():
+            raise ConfigError(f"lm_name_or_path {path!r} does not exist")
+        if p.exists() and not p.is_dir():
             raise ConfigError(f"lm_name_or_path {path!r} is not a directory")
         if t.gguf_file and not (p / t.gguf_file).is_file():
             raise ConfigError(f"gguf_file {t.gguf_file!r} not found in {path!r}")

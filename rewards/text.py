@@ -4,10 +4,11 @@ A text reward is any callable with TRL's reward-function signature::
 
     reward(prompts: list[str], completions: list[str], **kwargs) -> list[float | None]
 
-``kwargs`` carries the per-sample columns of the task (here ``answer``: ``list[str]``, one per sample) plus whatever
-else the trainer knows (``completion_ids``, ``trainer_state``...); a reward ignores what it does not use. ``None``
-means "not applicable to this sample": :func:`score_text` turns it into ``NaN``, which :mod:`flowrl.advantages`
-excludes from every statistic. So a reward function written for TRL's ``GRPOTrainer`` works unchanged here.
+It is called with keyword arguments (``reward(prompts=..., completions=..., **kwargs)``), as TRL does, so
+``def f(completions, **kwargs)`` works too. ``kwargs`` carries the per-sample columns of the task (here ``answer``:
+``list[str]``, one per sample) plus whatever else the trainer knows (``question``, ``completion_ids``); a reward
+ignores what it does not use. ``None`` means "not applicable to this sample": :func:`score_text` turns it into
+``NaN``, which :mod:`flowrl.advantages` excludes from every statistic. So a reward function written for TRL's ``GRPOTrainer`` works unchanged here.
 
 Text rewards live in their own registry (:data:`TEXT_REWARDS`), apart from the image rewards of
 :mod:`rewards.registry`: an image reward takes ``(images, prompts)`` and a text reward ``(prompts, completions)``,
@@ -107,7 +108,7 @@ def score_text(reward: TextReward, prompts: list[str], completions: list[str], n
         RewardError: naming the reward, when it raised, or returned a non-sequence, a wrong length or a non-number.
     """
     try:
-        out = reward(prompts, completions, **kwargs)
+        out = reward(prompts=prompts, completions=completions, **kwargs)  # by keyword, as TRL calls them
     except Exception as exc:  # a plug-in's bug: name it
         raise RewardError(f"text reward {name!r} raised {type(exc).__name__}: {exc}") from exc
     if isinstance(out, torch.Tensor):
