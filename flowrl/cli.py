@@ -171,7 +171,7 @@ def preflight(cfg: TrainConfig) -> None:
         raise ConfigError(f"resume_from_checkpoint {ck!r} is not a complete flowrl checkpoint "
                           "(no flowrl_state.json; use 'latest' or a checkpoint-N directory)")
     if ck is not None:
-        from .trainer import list_checkpoints
+        from .checkpoint import list_checkpoints
 
         latest = list_checkpoints(out)[-1:] if ck == "latest" else [Path(ck)]
         for path in latest:

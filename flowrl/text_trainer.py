@@ -39,12 +39,12 @@ from rewards import RewardError
 from rewards.text import ArithmeticProblem, arithmetic_problems, get_text_reward, score_text, shuffled
 
 from .advantages import clip_advantages, dynamic_sampling_mask, multi_reward_advantages, ngrpo_advantages
+from .checkpoint import find_checkpoint, save_checkpoint, truncate_metrics
 from .config import ConfigError, TrainConfig, to_dict
 from .objectives import kl_weight_schedule
 from .policies.text import LLAMA_LORA_TARGETS, TextPolicy, TextRollout, build_char_tokenizer, build_tiny_lm
 from .text_objectives import dcpo_clip_bounds, overlong_penalty, text_policy_loss
 
-CHECKPOINT_PREFIX = "checkpoint-"
 IMAGE_DEFAULT_REWARDS = {"scenes": 1.0}
 
 
@@ -60,16 +60,6 @@ def task_problems(cfg: TrainConfig, split: str) -> list[ArithmeticProblem]:
 
 def prompt_text(cfg: TrainConfig, problem: ArithmeticProblem) -> str:
     return cfg.text.prompt_template.format(question=problem.question, expression=problem.question.rstrip("="))
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    d = Path(output_dir)
-    if not d.is_dir():
-        return []
-    cks = [p for p in d.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-           and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "flowrl_state.json").is_file()]
-    return sorted(cks, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
 # ====================================================================================================== tiny model
@@ -502,49 +492,23 @@ class TextTrainer:
         self.accelerator.register_load_state_pre_hook(load_hook)
 
     def save_checkpoint(self) -> Path:
-        """``checkpoint-{step}`` via ``accelerator.save_state`` into a temporary dir renamed when complete."""
-        final = self.out / f"{CHECKPOINT_PREFIX}{self.step}"
-        tmp = self.out / f".tmp-{CHECKPOINT_PREFIX}{self.step}"
-        if self.accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
-        if self.accelerator.is_main_process:
-            state = {"step": self.step, "optimizer_steps": self.optimizer_steps, "nan_skips": self.nan_skips,
-                     "modality": "text", "config": to_dict(self.cfg)}
-            (tmp / "flowrl_state.json").write_text(json.dumps(state, indent=2) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            limit = self.cfg.checkpoints_total_limit
-            if limit:
-                for old in list_checkpoints(self.out)[:-limit]:
-                    shutil.rmtree(old, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        return final
+        """``checkpoint-{step}`` via ``accelerator.save_state``, written atomically (shared with the image trainer)."""
+        state = {"step": self.step, "optimizer_steps": self.optimizer_steps, "nan_skips": self.nan_skips,
+                 "modality": "text", "config": to_dict(self.cfg)}
+        return save_checkpoint(self.accelerator, self.out, self.step, state, self.cfg.checkpoints_total_limit)
 
     def resume(self, which: str) -> None:
-        if which == "latest":
-            cks = list_checkpoints(self.out)
-            if not cks:
-                self.accelerator.print(f"no checkpoint in {self.out}; starting from scratch")
-                return
-            path = cks[-1]
-        else:
-            path = Path(which)
-            if not (path / "flowrl_state.json").is_file():
-                raise FileNotFoundError(f"{str(path)!r} is not a complete flowrl checkpoint (no flowrl_state.json)")
+        path = find_checkpoint(self.out, which)
+        if path is None:
+            self.accelerator.print(f"no checkpoint in {self.out}; starting from scratch")
+            return
         state = json.loads((path / "flowrl_state.json").read_text())
         self.accelerator.load_state(str(path))
         self.step = int(state["step"])
         self.optimizer_steps = int(state["optimizer_steps"])
         self.nan_skips = int(state.get("nan_skips", 0))
-        if self.accelerator.is_main_process:  # drop metrics logged after the checkpoint by the interrupted run
-            mpath = self.out / "metrics.jsonl"
-            if mpath.is_file():
-                keep = [ln for ln in mpath.read_text().splitlines()
-                        if ln.strip() and json.loads(ln)["step"] <= self.step]
-                mpath.write_text("".join(ln + "\n" for ln in keep))
+        if self.accelerator.is_main_process:
+            truncate_metrics(self.out, self.step)
         self.accelerator.print(f"resumed from {path} at step {self.step}")
 
     def export(self) -> None:

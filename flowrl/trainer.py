@@ -28,16 +28,15 @@ from samplers.plans import FullSDEPlan, WindowPlan
 from samplers.rollout import Rollout, rescore, sample
 
 from .advantages import clip_advantages, group_advantages, multi_reward_advantages
+from .checkpoint import find_checkpoint, save_checkpoint, truncate_metrics
 from .config import TrainConfig, to_dict
 from .embedded import EMBEDDED_MODEL_DIR
 from .evaluate import atomic_write_text, generate, make_grid, save_image_atomic, score_all, summarize
 from .objectives import clipped_surrogate, guard_normalized_log_ratio, kl_to_reference, step_weights
-from .policies.base import pipeline_class_name
 from .policies.sd3 import SD3_LORA_TARGETS, SD3_LORA_TARGETS_WITH_FF, read_model_defaults
 from .prompts import load_prompts
 from .seeding import gaussian
 
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 def resolve_model_path(name: str) -> str:
@@ -57,16 +56,6 @@ def make_plan(cfg: TrainConfig):
         p.step_kind, p.noise_level, p.window_size, p.window_start, p.window_schedule, p.window_tau, p.window_shift,
         wrap=p.window_wrap, seed=cfg.seed, **tail,
     )
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories of interrupted saves are ignored)."""
-    d = Path(output_dir)
-    if not d.is_dir():
-        return []
-    cks = [p for p in d.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[11:].isdigit()]
-    cks = [p for p in cks if (p / "flowrl_state.json").is_file()]
-    return sorted(cks, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
 @dataclasses.dataclass
@@ -310,7 +299,7 @@ class Trainer:
             from . import branching_trainer
 
             return branching_trainer.update(self, batch)
-        cfg, g = self.cfg, self.cfg.grpo
+        g = self.cfg.grpo
         self.policy.transformer.train(False)  # dropout stays off: sampling and training see the same function
         sums: dict[str, float] = {}
         count = 0
@@ -530,44 +519,24 @@ class Trainer:
         self.accelerator.register_load_state_pre_hook(load_hook)
 
     def save_checkpoint(self) -> Path:
-        """``checkpoint-{step}`` via ``accelerator.save_state`` into a temporary dir renamed when complete."""
+        """``checkpoint-{step}`` (accelerator state, EMA, counters, plan) written atomically."""
         from safetensors.torch import save_file
 
-        final = self.out / f"{CHECKPOINT_PREFIX}{self.step}"
-        tmp = self.out / f".tmp-{CHECKPOINT_PREFIX}{self.step}"
-        if self.accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
-        if self.accelerator.is_main_process:
+        def extra(tmp: Path) -> None:
             if self.ema is not None:
                 save_file({f"ema.{i}": e.contiguous().cpu() for i, e in enumerate(self.ema)}, str(tmp / "ema.safetensors"))
-            state = {"step": self.step, "optimizer_steps": self.optimizer_steps, "nan_skips": self.nan_skips,
-                     "plan": dataclasses.asdict(self.plan), "config": to_dict(self.cfg)}
-            (tmp / "flowrl_state.json").write_text(json.dumps(state, indent=2) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            limit = self.cfg.checkpoints_total_limit
-            if limit:
-                for old in list_checkpoints(self.out)[:-limit]:
-                    shutil.rmtree(old, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        return final
+
+        state = {"step": self.step, "optimizer_steps": self.optimizer_steps, "nan_skips": self.nan_skips,
+                 "plan": dataclasses.asdict(self.plan), "config": to_dict(self.cfg)}
+        return save_checkpoint(self.accelerator, self.out, self.step, state, self.cfg.checkpoints_total_limit, extra)
 
     def resume(self, which: str) -> None:
         from safetensors.torch import load_file
 
-        if which == "latest":
-            cks = list_checkpoints(self.out)
-            if not cks:
-                self.accelerator.print(f"no checkpoint in {self.out}; starting from scratch")
-                return
-            path = cks[-1]
-        else:
-            path = Path(which)
-            if not (path / "flowrl_state.json").is_file():
-                raise FileNotFoundError(f"{str(path)!r} is not a complete flowrl checkpoint (no flowrl_state.json)")
+        path = find_checkpoint(self.out, which)
+        if path is None:
+            self.accelerator.print(f"no checkpoint in {self.out}; starting from scratch")
+            return
         state = json.loads((path / "flowrl_state.json").read_text())
         self.accelerator.load_state(str(path))
         if self.ema is not None:
@@ -576,11 +545,8 @@ class Trainer:
         self.step = int(state["step"])
         self.optimizer_steps = int(state["optimizer_steps"])
         self.nan_skips = int(state.get("nan_skips", 0))
-        if self.accelerator.is_main_process:  # drop metrics logged after the checkpoint by the interrupted run
-            mpath = self.out / "metrics.jsonl"
-            if mpath.is_file():
-                keep = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
-                atomic_write_text(mpath, "".join(ln + "\n" for ln in keep))
+        if self.accelerator.is_main_process:
+            truncate_metrics(self.out, self.step)
         self.accelerator.print(f"resumed from {path} at step {self.step}")
 
     def export(self) -> None:

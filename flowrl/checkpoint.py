@@ -1,0 +1,73 @@
+"""Atomic, resumable checkpoints shared by the image and text trainers.
+
+``checkpoint-{step}/`` holds ``accelerator.save_state`` output plus ``flowrl_state.json`` (step counters, config,
+anything the recipe adds). It is written into ``.tmp-checkpoint-{step}`` and renamed only when complete, so a crash
+mid-save leaves the previous checkpoint as the latest usable one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories of interrupted saves are ignored)."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    n = len(CHECKPOINT_PREFIX)
+    cks = [p for p in d.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[n:].isdigit()]
+    cks = [p for p in cks if (p / "flowrl_state.json").is_file()]
+    return sorted(cks, key=lambda p: int(p.name[n:]))
+
+
+def save_checkpoint(
+    accelerator, output_dir: Path, step: int, state: dict, total_limit: int | None,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Save ``checkpoint-{step}`` atomically; ``extra(tmp_dir)`` writes recipe-specific files on the main process."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = output_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        if extra is not None:
+            extra(tmp)
+        (tmp / "flowrl_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if total_limit:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_checkpoint(output_dir: Path, which: str) -> Path | None:
+    """``latest`` -> the newest complete checkpoint in ``output_dir`` (None if there is none); else ``which``."""
+    if which == "latest":
+        cks = list_checkpoints(output_dir)
+        return cks[-1] if cks else None
+    path = Path(which)
+    if not (path / "flowrl_state.json").is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a complete flowrl checkpoint (no flowrl_state.json)")
+    return path
+
+
+def truncate_metrics(output_dir: Path, step: int) -> None:
+    """Drop ``metrics.jsonl`` records logged after ``step`` by an interrupted run (atomic rewrite)."""
+    from .evaluate import atomic_write_text
+
+    mpath = output_dir / "metrics.jsonl"
+    if mpath.is_file():
+        keep = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        atomic_write_text(mpath, "".join(ln + "\n" for ln in keep))
