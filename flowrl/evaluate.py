@@ -109,6 +109,13 @@ def make_grid(images: Tensor, captions: Sequence[str], ncol: int = 8, cell: int 
     return grid
 
 
+def _public_mode(path: str) -> None:
+    """mkstemp creates 0600 files; give the result the usual 0666 & ~umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write to a temporary file in the same directory, then rename over ``path``."""
     path = Path(path)
@@ -117,6 +124,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        _public_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -130,6 +138,7 @@ def save_image_atomic(img, path: str | Path) -> None:
     os.close(fd)
     try:
         img.save(tmp)
+        _public_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
