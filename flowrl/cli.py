@@ -179,13 +179,13 @@ def preflight(cfg: TrainConfig) -> None:
 
 
 def _checkpoint_settings(model: dict, use_ema) -> dict:
-    """What a checkpoint's trained weights (and EMA) depend on, with defaults resolved (alpha None = rank, ...)."""
+    """What a checkpoint's trained weights (and EMA) depend on, with defaults resolved (alpha None = 2 x rank, ...)."""
     from .policies.sd3 import SD3_LORA_TARGETS, SD3_LORA_TARGETS_WITH_FF
 
     rank = model.get("rank")
     preset = SD3_LORA_TARGETS_WITH_FF if model.get("lora_on_ff") else SD3_LORA_TARGETS
     targets = model.get("lora_target_modules") or preset
-    return {"rank": rank, "lora_alpha": model.get("lora_alpha") or rank,
+    return {"rank": rank, "lora_alpha": model.get("lora_alpha") or (2 * rank if rank else None),
             "lora_target_modules": sorted(targets) if rank else None, "use_ema": use_ema}
 
 

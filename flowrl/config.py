@@ -42,10 +42,10 @@ class ModelConfig:
     rank: int = 32
     """LoRA rank; 0 = full fine-tuning of the transformer."""
     lora_alpha: float | None = None
-    """LoRA alpha; None = equal to the rank (scale 1)."""
+    """LoRA alpha; None = 2 x rank for image models (Flow-GRPO r32/alpha64), = rank for text models (peft)."""
     lora_target_modules: list[str] | None = None
     """Modules that get LoRA; None = the family preset (SD3: attention projections of both streams)."""
-    lora_on_ff: bool = False
+    lora_on_ff: bool = True
     """Add the feed-forward layers to the preset targets."""
 
 
@@ -57,7 +57,7 @@ class SamplingConfig:
     """True CFG scale in sampling; None = the model's default (embedded: 3.0; SD3.5 recipes: 4.5)."""
     train_cfg: bool = True
     """Use CFG when rescoring in training too (off = CFG-free training, 'CFG distillation')."""
-    same_noise_per_group: bool = False
+    same_noise_per_group: bool = True
     """All samples of a prompt start from the same initial noise (MixGRPO's shared noise)."""
 
 
@@ -72,7 +72,7 @@ class PlanConfig:
     """SDE noise scale (a for Flow-GRPO, eta for CPS/DanceGRPO)."""
     train_fraction: float = 0.4
     """``full`` plan: train on the first int(fraction * T) steps (at least one) (Flow-GRPO's timestep_fraction)."""
-    ode_after_train: bool = False
+    ode_after_train: bool = True
     """``full`` plan: untrained tail steps are ODE."""
     window_size: int = 4
     """``window`` plan: w."""
@@ -160,7 +160,7 @@ class GRPOConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    learning_rate: float = 3e-4
+    learning_rate: float = 6e-4
     """AdamW learning rate."""
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -168,8 +168,8 @@ class OptimConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     """Gradient-norm clip."""
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
-    lr_warmup_steps: int = 0
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "cosine"
+    lr_warmup_steps: int = 5
     gradient_accumulation_steps: int | None = None
     """Micro-batches per optimizer step; None = all micro-batches of the step's samples (one update per batch)."""
     use_ema: bool = True
@@ -180,7 +180,7 @@ class OptimConfig:
 
 @dataclasses.dataclass
 class EvalConfig:
-    eval_steps: int = 25
+    eval_steps: int = 30
     """Evaluate every N optimizer steps (and before training, at step 0); 0 = never."""
     eval_num_inference_steps: int = 10
     """ODE steps for evaluation."""
@@ -261,9 +261,9 @@ class TrainConfig:
     modality: Literal["image", "text"] = "image"
     """``image``: the flow-matching trainer; ``text``: the causal-LM trainer (settings in the ``text`` section)."""
     seed: int = 0
-    max_train_steps: int = 100
+    max_train_steps: int = 90
     """Optimizer steps."""
-    checkpointing_steps: int = 50
+    checkpointing_steps: int = 30
     """Save ``checkpoint-{step}`` every N steps (0 = only at the end)."""
     checkpoints_total_limit: int | None = 2
     """Keep at most this many checkpoints."""
@@ -274,7 +274,7 @@ class TrainConfig:
     """Training prompts: ``scenes:train`` or a .txt (one per line) / .jsonl (``{"prompt": ...}``) file."""
     rewards: dict[str, float] = dataclasses.field(default_factory=lambda: {"scenes": 1.0})
     """Reward name (or module:attr) -> weight."""
-    max_time_minutes: float | None = None
+    max_time_minutes: float | None = 14.0
     """Stop (with a checkpoint and export) after this wall-clock budget."""
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)

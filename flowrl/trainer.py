@@ -114,7 +114,7 @@ class Trainer:
             variant=cfg.model.variant,
             cache_dir=cfg.model.cache_dir,
             lora_rank=cfg.model.rank or None,
-            lora_alpha=cfg.model.lora_alpha,
+            lora_alpha=cfg.model.lora_alpha if cfg.model.lora_alpha is not None else 2.0 * cfg.model.rank,
             lora_targets=targets,
             max_sequence_length=cfg.model.max_sequence_length or defaults.get("max_sequence_length", 256),
             weight_dtype=weight_dtype,
