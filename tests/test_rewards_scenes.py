@@ -208,3 +208,20 @@ def test_check_handles_repeated_combo_in_prompt():
     img = _scene(("red", "circle", 0.25, 0.5), ("red", "circle", 0.75, 0.5))
     verdict = check(spec, detect(img))
     assert verdict.strict  # two red circles in total, one left of the other
+
+
+def test_shipped_prompt_files_match_the_generator():
+    """The prompt sets are shipped as files (reproducible evaluation) and equal what the generator produces."""
+    from pathlib import Path
+
+    from rewards import scenes as _scenes
+
+    data = Path(_scenes.__file__).parent / "data"
+    for name in ("train", "eval", "heldout"):
+        lines = (data / f"scenes_{name}.txt").read_text(encoding="utf-8").splitlines()
+        assert lines == _scenes.prompt_set(name)
+    heldout = set((data / "scenes_heldout.txt").read_text().splitlines())
+    train = set((data / "scenes_train.txt").read_text().splitlines())
+    assert not heldout & train
+    assert all(_scenes.parse_prompt(p).combos & _scenes.HELDOUT_COMBOS for p in heldout)
+    assert not any(_scenes.parse_prompt(p).combos & _scenes.HELDOUT_COMBOS for p in train)
