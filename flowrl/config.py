@@ -274,6 +274,8 @@ class TrainConfig:
     """Training prompts: ``scenes:train`` or a .txt (one per line) / .jsonl (``{"prompt": ...}``) file."""
     rewards: dict[str, float] = dataclasses.field(default_factory=lambda: {"scenes": 1.0})
     """Reward name (or module:attr) -> weight."""
+    reward_worker: bool = True
+    """Score each sampling micro-batch in a background thread while the next one is sampled."""
     max_time_minutes: float | None = 14.0
     """Stop (with a checkpoint and export) after this wall-clock budget."""
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)

@@ -124,6 +124,9 @@ class Trainer:
         )
         self.params = self.policy.trainable_parameters()
         self.rewards = {name: get_reward(name) for name in cfg.rewards}
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._scorer = ThreadPoolExecutor(1, thread_name_prefix="flowrl-reward") if cfg.reward_worker else None
         self.train_prompts = load_prompts(cfg.prompts)
         self.eval_sets = {name: load_prompts(name) for name in cfg.eval.eval_sets}
         self.plan = make_plan(cfg)
@@ -209,6 +212,8 @@ class Trainer:
         finally:
             bar.close()
             _restore_signal_handlers(old_handlers)
+            if self._scorer is not None:
+                self._scorer.shutdown(wait=True)
             self.accelerator.end_training()
         return metrics
 
@@ -239,7 +244,7 @@ class Trainer:
         t0 = time.time()
         prompts, group_ids, sample_ids = self.step_prompts(step)
         plan = self.plan(self.sigmas, step - 1)
-        self._conds, rollouts, images = [], [], []
+        self._conds, rollouts, images, pending = [], [], [], []
         uniq = sorted(set(prompts), key=prompts.index)
         cond_all = self.policy.encode(uniq)  # encode each distinct prompt once per step
         row_of = {p: i for i, p in enumerate(uniq)}
@@ -261,8 +266,14 @@ class Trainer:
             rollouts.append(r)
             images.append(self.policy.decode(r.final))
             self._conds.append(cond)
+            if self._scorer is not None:  # score this micro-batch in the background while the next one samples
+                pending.append(self._scorer.submit(score_all, self.rewards, images[-1].to(self.device), prompts[sl]))
         images_t = torch.cat(images)
-        scores = score_all(self.rewards, images_t.to(self.device), prompts)
+        if self._scorer is not None:
+            parts = [f.result() for f in pending]
+            scores = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        else:
+            scores = score_all(self.rewards, images_t.to(self.device), prompts)
         adv = self.gathered_advantages(scores, group_ids)
         n = len(prompts)
         mine = slice(self.rank * n, (self.rank + 1) * n)

@@ -110,3 +110,19 @@ def test_lora_loads_into_stock_pipeline_and_reproduces_policy(tiny_model, tmp_pa
     base = pipe(prompts, num_inference_steps=4, guidance_scale=2.0, max_sequence_length=4, height=16, width=16,
                 latents=latents, output_type="pt").images
     assert float((base.float() - ours).abs().max()) > 1e-3
+
+
+def test_background_reward_worker_matches_synchronous_scoring(tiny_model, tmp_path):
+    """Scoring micro-batches in a worker thread while the next samples changes nothing but the wall-clock."""
+    results = {}
+    for worker in ("true", "false"):
+        out = tmp_path / worker
+        Trainer(build_config(["--pretrained_model_name_or_path", str(tiny_model), "--output_dir", str(out),
+                              "--max_train_steps", "2", "--eval_steps", "0", "--reward_worker", worker, *FAST])).train()
+        results[worker] = (_metrics(out), load_file(str(out / "pytorch_lora_weights.safetensors")))
+    (m_async, w_async), (m_sync, w_sync) = results["true"], results["false"]
+    for a, b in zip(m_async, m_sync):
+        assert a["reward/scenes/mean"] == b["reward/scenes/mean"]
+        assert a["train/loss"] == b["train/loss"]
+    for k in w_async:
+        torch.testing.assert_close(w_async[k], w_sync[k], rtol=0, atol=0)
