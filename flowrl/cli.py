@@ -284,10 +284,17 @@ def cmd_eval(argv: list[str]) -> int:
         prompts = load_prompts(a.prompts)
         names = [parse_reward_spec(s)[0] for s in (a.reward or ["scenes"])]
         rewards = {n: get_reward(n) for n in names}
+        for fn in rewards.values():  # load weights now: a missing checkpoint fails before any sampling
+            if hasattr(fn, "load"):
+                fn.load()
         path = resolve_model_path(a.pretrained_model_name_or_path)
+        if Path(path).exists() or path.startswith((".", "/", "~")):
+            from .policies.base import pipeline_class_name
+
+            pipeline_class_name(path)  # FileNotFoundError naming the path if it is not a pipeline directory
         if a.lora and not (Path(a.lora) / "pytorch_lora_weights.safetensors").is_file():
             raise ConfigError(f"--lora {a.lora!r} holds no pytorch_lora_weights.safetensors")
-    except (ConfigError, ValueError, FileNotFoundError, ImportError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, ImportError, OSError) as e:
         print(f"flowrl eval: error: {e}", file=sys.stderr)
         return 2
     defaults = read_model_defaults(path) if Path(path).is_dir() else {}
