@@ -176,6 +176,9 @@ class OptimConfig:
     """Keep an EMA of the trained weights; evaluation and export use it."""
     ema_decay: float = 0.9
     """EMA decay per optimizer step."""
+    max_nan_skips: int = 10
+    """Stop with an error after this many non-finite losses in a row (each is skipped with a warning and counted
+    in ``train/nan_loss_skips``)."""
 
 
 @dataclasses.dataclass
@@ -276,8 +279,11 @@ class TrainConfig:
     """Reward name (or module:attr) -> weight."""
     reward_worker: bool = True
     """Score each sampling micro-batch in a background thread while the next one is sampled."""
-    max_time_minutes: float | None = 14.0
+    max_time_minutes: float | None = None
     """Stop (with a checkpoint and export) after this wall-clock budget."""
+    collective_timeout_s: int = 600
+    """Multi-process runs: a collective (gather, gradient all-reduce) waiting longer than this on a hung or dead
+    process fails the job instead of blocking forever."""
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     plan: PlanConfig = dataclasses.field(default_factory=PlanConfig)
@@ -492,6 +498,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(o.learning_rate > 0, f"learning_rate must be > 0, got {o.learning_rate}")
     need(o.max_grad_norm > 0, f"max_grad_norm must be > 0, got {o.max_grad_norm}")
     need(0 <= o.ema_decay < 1, f"ema_decay must be in [0, 1), got {o.ema_decay}")
+    need(o.max_nan_skips >= 1, f"max_nan_skips must be >= 1, got {o.max_nan_skips}")
+    need(cfg.collective_timeout_s >= 1, f"collective_timeout_s must be >= 1, got {cfg.collective_timeout_s}")
     need(o.gradient_accumulation_steps is None or o.gradient_accumulation_steps >= 1,
          f"gradient_accumulation_steps must be >= 1 or null, got {o.gradient_accumulation_steps}")
     need(m.rank >= 0, f"rank must be >= 0 (0 = full fine-tuning), got {m.rank}")

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from .config import TrainConfig, to_dict
 from .embedded import EMBEDDED_MODEL_DIR
 from .evaluate import atomic_write_text, generate, make_grid, save_image_atomic, score_all, summarize
 from .objectives import clipped_surrogate, guard_normalized_log_ratio, kl_to_reference, step_weights
-from .policies.sd3 import SD3_LORA_TARGETS, SD3_LORA_TARGETS_WITH_FF, read_model_defaults
+from .policies.sd3 import read_model_defaults
 from .prompts import load_prompts
 from .seeding import gaussian
 
@@ -83,8 +84,10 @@ class Trainer:
 
     # ================================================================================================ setup
     def setup(self) -> None:
+        from datetime import timedelta
+
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration, set_seed
+        from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 
         cfg = self.cfg
         log_with = None if cfg.report_to == "none" else cfg.report_to
@@ -92,6 +95,11 @@ class Trainer:
             mixed_precision=cfg.model.mixed_precision,
             log_with=log_with,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+            # a hung or dead rank fails the collectives of the others after this long instead of blocking forever
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s))],
+            # one lr-scheduler step per optimizer update whatever the process count (accelerate's default steps it
+            # num_processes times, assuming a sharded dataloader; the schedule here counts updates)
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
         )
         set_seed(cfg.seed)
         self.device = self.accelerator.device
@@ -103,10 +111,13 @@ class Trainer:
         self.guidance = cfg.sampling.guidance_scale or defaults.get("guidance_scale", 4.5)
         self.eval_guidance = cfg.eval.eval_guidance_scale or self.guidance
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.model.mixed_precision]
-        targets = cfg.model.lora_target_modules or list(
-            SD3_LORA_TARGETS_WITH_FF if cfg.model.lora_on_ff else SD3_LORA_TARGETS
-        )
         from .policies import load_policy
+        from .policies.base import default_lora_targets
+
+        # the model family's preset (SD3: joint attention [+ ff]; Flux: see flowrl.policies.flux)
+        targets = cfg.model.lora_target_modules or list(
+            default_lora_targets(model_path, cfg.model.lora_on_ff, revision=cfg.model.revision)
+        )
 
         self.policy = load_policy(
             model_path,
@@ -153,14 +164,20 @@ class Trainer:
             o.lr_scheduler, self.optimizer, num_warmup_steps=o.lr_warmup_steps * updates_per_step,
             num_training_steps=cfg.max_train_steps * updates_per_step,
         )
-        self.policy.transformer, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+        model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
             self.policy.transformer, self.optimizer, self.lr_scheduler
         )
+        # Multi-process: the policy keeps the bare module (peft attributes, un-prefixed parameter names) and
+        # optimizer_step averages the trainable gradients over processes itself, once per update (DDP's own hooks
+        # stay idle since its forward is never called). Same gradient as DDP's mean over ranks.
+        self._average_grads = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        self.policy.transformer = model.module if self._average_grads else model
         self.ema = [p.detach().clone() for p in self.params] if o.use_ema else None
         self._register_checkpoint_hooks()
         self.step = 0
         self.optimizer_steps = 0
         self.nan_skips = 0
+        self.nan_streak = 0  # non-finite losses in a row (reset by a finite one); max_nan_skips stops the run
         if cfg.resume_from_checkpoint:
             self.resume(cfg.resume_from_checkpoint)
         if self.accelerator.is_main_process:
@@ -376,7 +393,16 @@ class Trainer:
             st["loss"] = loss.detach()
             if not torch.isfinite(loss):
                 self.nan_skips += 1
+                self.nan_streak += 1
+                warnings.warn(f"step {self.step}: non-finite loss ({float(loss.detach())}) at trained step {j} skipped "
+                              f"({self.nan_skips} skipped in all, {self.nan_streak} in a row)", RuntimeWarning)
+                if self.nan_streak >= self.cfg.optim.max_nan_skips:
+                    raise FloatingPointError(
+                        f"step {self.step}: {self.nan_streak} non-finite losses in a row (max_nan_skips="
+                        f"{self.cfg.optim.max_nan_skips}); training diverged - lower learning_rate or check the "
+                        "rewards/model (the last checkpoint is intact)")
                 continue
+            self.nan_streak = 0
             self.accelerator.backward(loss * scale / S)
             for k, val in st.items():
                 if val.dim() == 0:
@@ -392,6 +418,8 @@ class Trainer:
 
     def optimizer_step(self) -> float:
         o = self.cfg.optim
+        if self._average_grads:
+            self._average_gradients()
         gn = self.accelerator.clip_grad_norm_(self.params, o.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
@@ -401,6 +429,20 @@ class Trainer:
             with torch.no_grad():
                 torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - o.ema_decay)
         return float(gn)
+
+    def _average_gradients(self) -> None:
+        """Mean of the trainable gradients over processes (one flat all-reduce; a missing gradient counts as 0)."""
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        i = 0
+        for p, g in zip(self.params, grads):
+            n = g.numel()
+            p.grad = flat[i : i + n].view_as(g).to(g.dtype)
+            i += n
 
     @contextlib.contextmanager
     def ema_weights(self):
@@ -448,14 +490,15 @@ class Trainer:
     def reward_metrics(self, rewards: dict[str, Tensor]) -> dict:
         """``reward/{name}/mean|std|nan_count`` over the samples of all processes, ``reward/mean`` (weighted total)."""
         m: dict = {}
+        gathered: dict[str, Tensor] = {}
         for name, s in rewards.items():
-            s = self.accelerator.gather(s.to(self.device)).cpu()
+            s = gathered[name] = self.accelerator.gather(s.to(self.device)).cpu()
             ok = s[~torch.isnan(s)]
             m[f"reward/{name}/mean"] = float(ok.mean()) if len(ok) else float("nan")
             if name in self.rewards:
                 m[f"reward/{name}/std"] = float(ok.std(unbiased=False)) if len(ok) else float("nan")
                 m[f"reward/{name}/nan_count"] = int(torch.isnan(s).sum())
-        total = sum(self.cfg.rewards[k] * torch.nan_to_num(rewards[k]) for k in self.rewards)
+        total = sum(self.cfg.rewards[k] * torch.nan_to_num(gathered[k]) for k in self.rewards)
         m["reward/mean"] = float(total.mean())
         return m
 

@@ -47,8 +47,8 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "model_missing": (["--pretrained_model_name_or_path", "{tmp}/no_model"], ["no_model", "does not exist"]),
     "model_not_diffusers": (["--pretrained_model_name_or_path", "{tmp}/not_a_pipeline"],
                             ["not_a_pipeline", "model_index.json"]),
-    "model_unsupported_class": (["--pretrained_model_name_or_path", "{tmp}/flux"],
-                                ["'FluxPipeline'", "StableDiffusion3Pipeline"]),
+    "model_unsupported_class": (["--pretrained_model_name_or_path", "{tmp}/sdxl"],
+                                ["'StableDiffusionXLPipeline'", "StableDiffusion3Pipeline", "FluxPipeline"]),
     "prompts_missing": (["--prompts", "{tmp}/nope.txt"], ["nope.txt", "does not exist", "scenes:train"]),
     "prompts_empty": (["--prompts", "{tmp}/empty.txt"], ["empty.txt", "no prompts"]),
     "prompts_not_utf8": (["--prompts", "{tmp}/latin1.txt"], ["latin1.txt", "not UTF-8"]),
@@ -84,8 +84,8 @@ def inputs(tmp_path: Path) -> Path:
     (tmp_path / "not_a_pipeline").mkdir()
     (tmp_path / "checkpoint-3").mkdir()
     (tmp_path / "checkpoint-3" / "flowrl_state.json").write_text('{"step": 3, "config": ')
-    (tmp_path / "flux").mkdir()
-    (tmp_path / "flux" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (tmp_path / "sdxl").mkdir()
+    (tmp_path / "sdxl" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     fake = tmp_path / "fake_sd3"  # passes preflight's model checks; nothing here loads weights
     fake.mkdir()
     (fake / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
@@ -136,8 +136,8 @@ def test_build_config_and_preflight_raise_config_error(inputs):
         build_config(["--nope", "1"])
     with pytest.raises(ConfigError, match="clip_range must be in"):
         build_config(["--clip_range", "2"])
-    cfg = build_config(["--pretrained_model_name_or_path", str(inputs / "flux"), "--output_dir", str(inputs / "o")])
-    with pytest.raises(ConfigError, match="FluxPipeline"):
+    cfg = build_config(["--pretrained_model_name_or_path", str(inputs / "sdxl"), "--output_dir", str(inputs / "o")])
+    with pytest.raises(ConfigError, match="StableDiffusionXLPipeline"):
         preflight(cfg)
     cfg = build_config(["--pretrained_model_name_or_path", str(inputs / "fake_sd3"),
                         "--output_dir", str(inputs / "a_file" / "run")])

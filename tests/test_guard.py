@@ -166,6 +166,7 @@ def test_guard_parts_compose_with_plan_presets():
 TINY = [
     "--prompts_per_step", "2", "--group_size", "2", "--sample_batch_size", "2", "--num_inference_steps", "6",
     "--report_to", "none", "--eval_steps", "0", "--learning_rate", "1e-2", "--rank", "4", "--checkpointing_steps", "0",
+    "--same_noise_per_group", "false", "--ode_after_train", "false",  # the Flow-GRPO sampling these checks assume
 ]
 
 

@@ -92,7 +92,7 @@ def test_presets_compose_with_objective_options_and_flags():
     [
         (["--flash_ratio", "0"], "flash_ratio must be in"),
         (["--flash_ratio", "1.5"], "flash_ratio must be in"),
-        (["--ode_solver", "dpm2m"], "ode_after_train"),
+        (["--ode_solver", "dpm2m", "--ode_after_train", "false"], "ode_after_train"),
         (["--ode_solver", "rk4"], "ode_solver"),
         (["--plan", "window", "--window_tau", "0"], "window_tau must be >= 1"),
         (["--plan", "window", "--window_shift", "0"], "window_shift must be >= 1"),

@@ -32,7 +32,8 @@ class Cond:
 
 
 class Policy(Protocol):
-    """What the trainer needs from a model. Shapes: latents [B, C, H, W]; images [B, 3, H', W'] in [0, 1]."""
+    """What the trainer needs from a model. Shapes: latents [B, *latent_shape] (SD3 [B, C, H, W]; Flux the packed
+    [B, S, 4C]); images [B, 3, H', W'] in [0, 1]."""
 
     def encode(self, prompts: list[str]) -> Cond: ...
 
@@ -49,7 +50,7 @@ class Policy(Protocol):
     def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
 
 
-SUPPORTED_PIPELINES = ("StableDiffusion3Pipeline",)
+SUPPORTED_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 
 
 def pipeline_class_name(path: str | Path) -> str:
@@ -70,18 +71,45 @@ def pipeline_class_name(path: str | Path) -> str:
     return json.loads(index.read_text())["_class_name"]
 
 
-def load_policy(path: str, **kwargs) -> "Policy":
-    """Build the Policy matching the pipeline class of ``path`` (local dir or hub id)."""
+def resolve_pipeline_class(path: str, revision: str | None = None) -> str:
+    """The pipeline ``_class_name`` of ``path`` (local dir, or hub id read through the hub cache)."""
     if Path(path).exists() or path.startswith((".", "/", "~")):
-        cls = pipeline_class_name(Path(path).expanduser())
-    else:  # hub id: read model_index.json through the hub cache
-        from huggingface_hub import hf_hub_download
+        return pipeline_class_name(Path(path).expanduser())
+    from huggingface_hub import hf_hub_download
 
-        cls = json.loads(Path(hf_hub_download(path, "model_index.json", revision=kwargs.get("revision"))).read_text())[
-            "_class_name"
-        ]
-    if cls == "StableDiffusion3Pipeline":
+    return json.loads(Path(hf_hub_download(path, "model_index.json", revision=revision)).read_text())["_class_name"]
+
+
+def policy_class(pipeline_class: str) -> type:
+    """The Policy class for a diffusers pipeline class name.
+
+    Raises:
+        ValueError: for a pipeline class no adapter supports.
+    """
+    if pipeline_class == "StableDiffusion3Pipeline":
         from .sd3 import SD3Policy
 
-        return SD3Policy.from_pretrained(path, **kwargs)
-    raise ValueError(f"pipeline class {cls!r} of {path!r} is not supported; supported: {SUPPORTED_PIPELINES}")
+        return SD3Policy
+    if pipeline_class == "FluxPipeline":
+        from .flux import FluxPolicy
+
+        return FluxPolicy
+    raise ValueError(f"pipeline class {pipeline_class!r} is not supported; supported: {SUPPORTED_PIPELINES}")
+
+
+def default_lora_targets(path: str, lora_on_ff: bool, revision: str | None = None) -> tuple[str, ...]:
+    """The model family's LoRA target preset (attention projections, plus the feed-forwards with ``lora_on_ff``)."""
+    cls = policy_class(resolve_pipeline_class(path, revision))
+    if hasattr(cls, "default_lora_targets"):
+        return tuple(cls.default_lora_targets(lora_on_ff))
+    from .sd3 import SD3_LORA_TARGETS, SD3_LORA_TARGETS_WITH_FF
+
+    return SD3_LORA_TARGETS_WITH_FF if lora_on_ff else SD3_LORA_TARGETS
+
+
+def load_policy(path: str, **kwargs) -> "Policy":
+    """Build the Policy matching the pipeline class of ``path`` (local dir or hub id)."""
+    name = resolve_pipeline_class(path, kwargs.get("revision"))
+    if name not in SUPPORTED_PIPELINES:
+        raise ValueError(f"pipeline class {name!r} of {path!r} is not supported; supported: {SUPPORTED_PIPELINES}")
+    return policy_class(name).from_pretrained(path, **kwargs)

@@ -1,0 +1,192 @@
+"""Faults: non-finite losses (skipped, counted, bounded), SIGTERM (checkpoint + export, exit 0), a stale temporary
+checkpoint from a kill mid-save (ignored on resume), a failing rank (the whole multi-process job stops)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import flowrl.trainer as trainer_mod
+from flowrl.cli import build_config
+from flowrl.trainer import Trainer
+from tests.helpers import save_tiny_sd3
+from tests.test_multiprocess import ROOT, _env, launch
+
+FAST = [
+    "--prompts_per_step", "2", "--group_size", "2", "--sample_batch_size", "2", "--num_inference_steps", "3",
+    "--train_fraction", "0.67", "--report_to", "none", "--learning_rate", "1e-2", "--clip_range", "0.2",
+    "--rank", "4", "--eval_steps", "0",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny_sd3(tmp_path_factory.mktemp("model") / "tiny-sd3")
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _nan_losses(monkeypatch, which):
+    """Make the surrogate loss NaN on the calls (0-based, in order) for which ``which(i)`` is true."""
+    real = trainer_mod.clipped_surrogate
+    calls = {"n": 0}
+
+    def fake(*args, **kwargs):
+        loss, st = real(*args, **kwargs)
+        i = calls["n"]
+        calls["n"] += 1
+        return (loss * float("nan") if which(i) else loss), st
+
+    monkeypatch.setattr(trainer_mod, "clipped_surrogate", fake)
+    return calls
+
+
+def test_nan_loss_is_skipped_with_a_counted_warning(tiny_model, monkeypatch, tmp_path):
+    _nan_losses(monkeypatch, lambda i: i == 0)  # the first trained step of step 1
+    out = tmp_path / "run"
+    cfg = build_config(["--pretrained_model_name_or_path", str(tiny_model), "--output_dir", str(out),
+                        "--max_train_steps", "2", *FAST])
+    with pytest.warns(RuntimeWarning, match=r"non-finite loss .* skipped \(1 skipped in all, 1 in a row\)"):
+        Trainer(cfg).train()
+    recs = _metrics(out)
+    assert [r["train/nan_loss_skips"] for r in recs] == [1, 1]
+    assert all(r["train/loss"] == r["train/loss"] for r in recs)  # the logged loss stays finite
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_run_stops_after_max_nan_skips_in_a_row(tiny_model, monkeypatch, tmp_path):
+    # isolated NaNs (every other loss) never stop the run ...
+    _nan_losses(monkeypatch, lambda i: i % 2 == 0)
+    cfg = build_config(["--pretrained_model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "a"),
+                        "--max_train_steps", "2", "--max_nan_skips", "2", *FAST])
+    with pytest.warns(RuntimeWarning):
+        Trainer(cfg).train()
+    assert _metrics(tmp_path / "a")[-1]["train/nan_loss_skips"] == 4  # of 8 losses (2 steps x 2 micro x 2 trained)
+    # ... a streak of max_nan_skips does, with a clear error
+    _nan_losses(monkeypatch, lambda i: i >= 1)
+    cfg = build_config(["--pretrained_model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "b"),
+                        "--max_train_steps", "5", "--max_nan_skips", "3", *FAST])
+    with pytest.warns(RuntimeWarning), pytest.raises(FloatingPointError, match=r"3 non-finite losses in a row"):
+        Trainer(cfg).train()
+
+
+def test_max_nan_skips_is_validated():
+    from flowrl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="max_nan_skips"):
+        build_config(["--max_nan_skips", "0"])
+
+
+def test_sigterm_checkpoints_exports_and_exits_cleanly(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "flowrl.cli", "train", "--pretrained_model_name_or_path", str(tiny_model),
+           "--output_dir", str(out), "--max_train_steps", "100000", "--checkpointing_steps", "0",
+           "--max_time_minutes", "null", *FAST]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < deadline, "no training step within 120 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    steps = [r["step"] for r in _metrics(out)]
+    cks = sorted(out.glob("checkpoint-*"))
+    assert [p.name for p in cks] == [f"checkpoint-{steps[-1]}"]  # the step in flight finished, then was saved
+    state = json.loads((cks[0] / "flowrl_state.json").read_text())
+    assert state["step"] == steps[-1] < 100000
+    assert (cks[0] / "trainable.safetensors").is_file()
+    assert not list(out.glob(".tmp-*"))
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_stale_tmp_checkpoint_is_ignored_on_resume(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    args = ["--pretrained_model_name_or_path", str(tiny_model), "--output_dir", str(out), "--checkpointing_steps",
+            "1", *FAST]
+    Trainer(build_config([*args, "--max_train_steps", "2"])).train()
+    # a SIGKILL during the save of step 3 leaves a half-written temporary directory (no flowrl_state.json)
+    stale = out / ".tmp-checkpoint-3"
+    stale.mkdir()
+    (stale / "trainable.safetensors").write_bytes(b"\0" * 10)
+    half = out / "checkpoint-4"  # and a directory that never got its state file
+    half.mkdir()
+    from flowrl.checkpoint import find_checkpoint
+
+    assert find_checkpoint(out, "latest") == out / "checkpoint-2"
+    t = Trainer(build_config([*args, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"]))
+    t.train()
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3]  # resumed after step 2, not from scratch
+    assert (out / "checkpoint-3" / "flowrl_state.json").is_file() and not stale.exists()
+
+
+FAILING_REWARD = textwrap.dedent(
+    '''
+    import os
+
+
+    def fail_on_rank1(images, prompts, **metadata):
+        if os.environ.get("RANK") == "1":
+            raise RuntimeError("injected reward failure on rank 1")
+        return images.mean(dim=(1, 2, 3))
+    '''
+)
+
+
+@pytest.mark.slow
+def test_a_failing_rank_stops_the_whole_job_promptly(tiny_model, tmp_path, monkeypatch):
+    (tmp_path / "flowrl_failing_reward.py").write_text(FAILING_REWARD)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.time()
+    res = launch(2, ["--pretrained_model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "run"),
+                     "--max_train_steps", "3", "--reward", "flowrl_failing_reward:fail_on_rank1",
+                     "--collective_timeout_s", "60", *FAST], timeout=200)
+    elapsed = time.time() - t0
+    assert res.returncode != 0
+    assert "injected reward failure on rank 1" in res.stderr
+    assert elapsed < 150, elapsed  # the launcher tears the other rank down; nobody waits on a dead peer
+
+
+HANGING_REWARD = textwrap.dedent(
+    '''
+    import os
+    import time
+
+
+    def hang_on_rank1(images, prompts, **metadata):
+        if os.environ.get("RANK") == "1":
+            time.sleep(3600)
+        return images.mean(dim=(1, 2, 3))
+    '''
+)
+
+
+@pytest.mark.slow
+def test_a_hung_rank_fails_the_job_after_collective_timeout(tiny_model, tmp_path, monkeypatch):
+    """Rank 1 never reaches the reward gather: rank 0's collective times out after collective_timeout_s and fails;
+    the launcher then tears rank 1 down (after its SIGTERM grace period: the trainer's handler only sets a flag)."""
+    (tmp_path / "flowrl_hanging_reward.py").write_text(HANGING_REWARD)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.time()
+    res = launch(2, ["--pretrained_model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "run"),
+                     "--max_train_steps", "2", "--reward", "flowrl_hanging_reward:hang_on_rank1",
+                     "--reward_worker", "false", "--collective_timeout_s", "10", *FAST], timeout=240)
+    assert res.returncode != 0
+    assert "Timed out" in res.stderr or "timed out" in res.stderr.lower(), res.stderr[-3000:]
+    assert time.time() - t0 < 200
