@@ -434,8 +434,8 @@ def step_metrics(trainer, batch: BranchBatch, train: dict, t_sample: float, t_tr
     m["train/nan_loss_skips"] = tr.nan_skips
     m["time/sampling_s"] = t_sample
     m["time/training_s"] = t_train
-    cfg_mult = 2 if tr.guidance > 1 else 1
-    train_mult = 2 if (tr.guidance > 1 and cfg.sampling.train_cfg) else 1
+    cfg_mult = tr.policy.passes_per_velocity(tr.guidance)
+    train_mult = cfg_mult if cfg.sampling.train_cfg else 1
     m["nfe/sampling"] = ro.nfe * cfg_mult
     for part, val in ro.nfe_parts.items():
         m[f"nfe/sampling_{part}"] = val * cfg_mult

@@ -108,7 +108,7 @@ class Trainer:
         model_path = resolve_model_path(cfg.model.pretrained_model_name_or_path)
         defaults = read_model_defaults(model_path) if Path(model_path).is_dir() else {}
         self.resolution = cfg.model.resolution or defaults.get("resolution") or 512
-        self.guidance = cfg.sampling.guidance_scale or defaults.get("guidance_scale", 4.5)
+        self.guidance = cfg.sampling.guidance_scale or defaults.get("guidance_scale")  # resolved after loading
         self.eval_guidance = cfg.eval.eval_guidance_scale or self.guidance
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.model.mixed_precision]
         from .policies import load_policy
@@ -133,6 +133,10 @@ class Trainer:
             gradient_checkpointing=cfg.model.gradient_checkpointing,
             need_reference=cfg.grpo.beta > 0,
         )
+        if self.guidance is None:
+            self.guidance = getattr(self.policy, "default_guidance", 4.5)
+        if cfg.eval.eval_guidance_scale is None:
+            self.eval_guidance = self.guidance
         self.params = self.policy.trainable_parameters()
         self.rewards = {name: get_reward(name) for name in cfg.rewards}
         from concurrent.futures import ThreadPoolExecutor
@@ -479,8 +483,8 @@ class Trainer:
         m["train/nan_loss_skips"] = self.nan_skips
         m["time/sampling_s"] = t_sample
         m["time/training_s"] = t_train
-        cfg_mult = 2 if self.guidance > 1 else 1
-        train_mult = 2 if (self.guidance > 1 and cfg.sampling.train_cfg) else 1
+        cfg_mult = self.policy.passes_per_velocity(self.guidance)
+        train_mult = cfg_mult if cfg.sampling.train_cfg else 1
         n = len(batch.prompts)
         S = batch.rollouts[0].latents.shape[1]
         m["nfe/sampling"] = batch.rollouts[0].nfe * n * cfg_mult  # Rollout.nfe: evaluations per trajectory

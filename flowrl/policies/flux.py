@@ -126,6 +126,9 @@ class FluxPolicy(SD3Policy):
         n = len(prompts)
         return Cond(pe, pooled, ne.expand(n, -1, -1), npooled.expand(n, -1))
 
+    default_guidance = 3.5
+    """Guidance-embedding value when nothing else gives one (FLUX.1-dev)."""
+
     def passes_per_velocity(self, guidance_scale: float) -> int:
         """Transformer evaluations per :meth:`velocity` call (2 only with true CFG; the guidance embedding is free)."""
         return 2 if self.true_cfg_scale > 1.0 else 1

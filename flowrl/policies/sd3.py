@@ -175,6 +175,12 @@ class SD3Policy:
         return v_u + guidance_scale * (v_c - v_u)
 
     _use_ref = False
+    default_guidance = 4.5
+    """CFG scale used when neither the config nor the model directory gives one (SD3.5 recipes)."""
+
+    def passes_per_velocity(self, guidance_scale: float) -> int:
+        """Transformer passes per velocity evaluation: 2 with true CFG, else 1 (NFE accounting)."""
+        return 2 if guidance_scale > 1 else 1
 
     @contextlib.contextmanager
     def reference(self):
