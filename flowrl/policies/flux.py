@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -224,34 +223,4 @@ class FluxPolicy(SD3Policy):
         return sched.sigmas.float().clone()
 
     # ------------------------------------------------------------------------------------------------ export
-    def save_lora(self, output_dir: str | Path) -> Path:
-        """Write ``pytorch_lora_weights.safetensors`` with ``FluxPipeline.save_lora_weights`` (keys ``transformer.*``,
-        adapter metadata included). Full fine-tunes save the transformer in diffusers format instead."""
-        from diffusers import FluxPipeline
-
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        if self.full_finetune:
-            self.transformer.save_pretrained(out / "transformer")
-            return out / "transformer"
-        from peft.utils import get_peft_model_state_dict
-
-        FluxPipeline.save_lora_weights(
-            out,
-            transformer_lora_layers=get_peft_model_state_dict(self.transformer),
-            transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
-        )
-        return out / "pytorch_lora_weights.safetensors"
-
-    def load_lora(self, lora_dir: str | Path) -> None:
-        """Load weights written by :meth:`save_lora` into this policy's adapter."""
-        from diffusers import FluxPipeline
-        from peft.utils import set_peft_model_state_dict
-
-        sd = FluxPipeline.lora_state_dict(str(lora_dir))
-        sd = sd[0] if isinstance(sd, tuple) else sd
-        sd = {k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")}
-        res = set_peft_model_state_dict(self.transformer, sd)
-        unexpected = getattr(res, "unexpected_keys", [])
-        if unexpected:
-            raise ValueError(f"LoRA in {str(lora_dir)!r} does not match this model: unexpected keys {unexpected[:4]}")
+    pipeline_class_name = "FluxPipeline"  # save_lora / load_lora (inherited) use FluxPipeline's LoRA format

@@ -226,12 +226,18 @@ class SD3Policy:
         return {n: p.detach() for n, p in self.transformer.named_parameters() if p.requires_grad}
 
     # ------------------------------------------------------------------------------------------------ export
-    def save_lora(self, output_dir: str | Path) -> Path:
-        """Write ``pytorch_lora_weights.safetensors`` with ``StableDiffusion3Pipeline.save_lora_weights`` (keys
-        ``transformer.*``, adapter metadata included so ``load_lora_weights`` restores alpha). Full fine-tunes save
-        the transformer in diffusers format instead."""
-        from diffusers import StableDiffusion3Pipeline
+    pipeline_class_name = "StableDiffusion3Pipeline"
+    """The diffusers pipeline whose ``save_lora_weights`` / ``lora_state_dict`` define the LoRA file format."""
 
+    def _pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class_name)
+
+    def save_lora(self, output_dir: str | Path) -> Path:
+        """Write ``pytorch_lora_weights.safetensors`` with ``<Pipeline>.save_lora_weights`` (keys ``transformer.*``,
+        adapter metadata included so ``load_lora_weights`` restores alpha). Full fine-tunes save the transformer in
+        diffusers format instead."""
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         if self.full_finetune:
@@ -239,20 +245,18 @@ class SD3Policy:
             return out / "transformer"
         from peft.utils import get_peft_model_state_dict
 
-        layers = get_peft_model_state_dict(self.transformer)
-        StableDiffusion3Pipeline.save_lora_weights(
+        self._pipeline_class().save_lora_weights(
             out,
-            transformer_lora_layers=layers,
+            transformer_lora_layers=get_peft_model_state_dict(self.transformer),
             transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
         )
         return out / "pytorch_lora_weights.safetensors"
 
     def load_lora(self, lora_dir: str | Path) -> None:
         """Load weights written by :meth:`save_lora` into this policy's adapter."""
-        from diffusers import StableDiffusion3Pipeline
         from peft.utils import set_peft_model_state_dict
 
-        sd = StableDiffusion3Pipeline.lora_state_dict(str(lora_dir))
+        sd = self._pipeline_class().lora_state_dict(str(lora_dir))
         sd = sd[0] if isinstance(sd, tuple) else sd
         sd = {k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")}
         res = set_peft_model_state_dict(self.transformer, sd)
