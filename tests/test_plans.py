@@ -74,7 +74,7 @@ def test_progressive_schedule_hand_listed():
     assert [_window(tau=3, schedule="fixed", start=2).window_start(T, k) for k in range(5)] == [2] * 5
     # the closed form (progressive + wrap) agrees with walking the schedule far out
     p = _window(tau=3, shift=2, start=1)
-    walk, l, it = [], 1, 0
+    walk, l = [], 1
     while len(walk) < 200:
         walk += [l] * 3
         l = l + 2 if l + 2 <= 6 else 1

@@ -126,7 +126,7 @@ def test_kl_weight_schedule_values():
 def _trl_loss(loss_type, logp, old, ref, adv, mask, *, beta, eps_low, eps_high, max_len, num_items):
     """Call TRL's own ``GRPOTrainer._compute_loss`` on a minimal stand-in trainer (eval mode: no grad-accumulation
     scaling), with the per-token log-probs injected where the model forward would produce them."""
-    trl = pytest.importorskip("trl")
+    pytest.importorskip("trl")
     from trl.trainer.grpo_trainer import GRPOTrainer
 
     B, L = logp.shape
