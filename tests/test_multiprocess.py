@@ -27,7 +27,7 @@ ARGS = [
     "--report_to", "none", "--learning_rate", "1e-2", "--clip_range", "0.2", "--rank", "4", "--eval_steps", "0",
     "--max_train_steps", "2", "--lr_scheduler", "cosine", "--lr_warmup_steps", "0",
     "--max_grad_norm", "1e-3",  # below the gradient norms here (~4e-3): clipping acts
-    "--use_ema", "true", "--ema_decay", "0.5", "--reward_worker", "false", "--collective_timeout_s", "60",
+    "--use_ema", "true", "--ema_decay", "0.5", "--reward_worker", "false", "--collective_timeout_s", "240",
 ]
 
 
