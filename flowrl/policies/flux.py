@@ -91,22 +91,6 @@ class FluxPolicy(SD3Policy):
         self.guidance_embeds = bool(self.transformer.config.guidance_embeds)
         self._text_ids: Tensor | None = None
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str,
-        *,
-        revision: str | None = None,
-        variant: str | None = None,
-        cache_dir: str | None = None,
-        **kwargs,
-    ) -> "FluxPolicy":
-        from diffusers import FluxPipeline
-
-        pipe = FluxPipeline.from_pretrained(path, revision=revision, variant=variant, cache_dir=cache_dir)
-        pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, **kwargs)
-
     # ------------------------------------------------------------------------------------------------ the interface
     def _encode(self, prompts: list[str]) -> Cond:
         pe, pooled, text_ids = self.pipe.encode_prompt(

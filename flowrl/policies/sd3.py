@@ -99,9 +99,8 @@ class SD3Policy:
         cache_dir: str | None = None,
         **kwargs,
     ) -> "SD3Policy":
-        from diffusers import StableDiffusion3Pipeline
-
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, revision=revision, variant=variant, cache_dir=cache_dir)
+        """Load the family's diffusers pipeline (``pipeline_class_name``) by hub id or path, then wrap it."""
+        pipe = cls._pipeline_class().from_pretrained(path, revision=revision, variant=variant, cache_dir=cache_dir)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, **kwargs)
 
@@ -229,10 +228,11 @@ class SD3Policy:
     pipeline_class_name = "StableDiffusion3Pipeline"
     """The diffusers pipeline whose ``save_lora_weights`` / ``lora_state_dict`` define the LoRA file format."""
 
-    def _pipeline_class(self):
+    @classmethod
+    def _pipeline_class(cls):
         import diffusers
 
-        return getattr(diffusers, self.pipeline_class_name)
+        return getattr(diffusers, cls.pipeline_class_name)
 
     def save_lora(self, output_dir: str | Path) -> Path:
         """Write ``pytorch_lora_weights.safetensors`` with ``<Pipeline>.save_lora_weights`` (keys ``transformer.*``,
