@@ -19,6 +19,7 @@ Conventions
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
@@ -43,6 +44,17 @@ __all__ = [
     "gvm_budgets",
     "max_variance_subset",
     "backup_advantages",
+    "ADVANTAGE_VARIANTS",
+    "variant_advantages",
+    "RewardStats",
+    "dcpo_sas_advantages",
+    "Papers",
+    "riskpo_papers",
+    "bundle_quantiles",
+    "riskpo_advantages",
+    "QuantileTracker",
+    "group_max_variance_mask",
+    "d3s_keep_ratio",
 ]
 
 StdMode = Literal["group", "global"]
@@ -482,22 +494,23 @@ def knapsack_budgets(p: Tensor, total: int, *, n_min: int = 2, n_max: int | None
     n_max = total if n_max is None else n_max
     if not (0 <= n_min <= n_max) or not (P * n_min <= total <= P * n_max):
         raise ValueError(f"infeasible: {P} prompts, budgets in [{n_min}, {n_max}], total {total}")
-    ns = torch.arange(n_min, n_max + 1)
-    vals = knapsack_value(ns[None, :], p.detach().to(torch.float64).cpu()[:, None])  # [P, K]
-    neg = float("-inf")
-    best = torch.full((P + 1, total + 1), neg, dtype=torch.float64)
-    choice = torch.zeros((P + 1, total + 1), dtype=torch.long)
+    import numpy as np
+
+    ns = list(range(n_min, n_max + 1))
+    vals = knapsack_value(torch.tensor(ns)[None, :], p.detach().to(torch.float64).cpu()[:, None]).numpy()  # [P, K]
+    best = np.full((P + 1, total + 1), -np.inf)
+    choice = np.zeros((P + 1, total + 1), dtype=np.int64)
     best[0, 0] = 0.0
-    for i in range(1, P + 1):
-        for b in range(total + 1):
-            for j, n in enumerate(ns.tolist()):
-                if n <= b and best[i - 1, b - n] > neg:
-                    v = best[i - 1, b - n] + vals[i - 1, j]
-                    if v > best[i, b] + 1e-15:
-                        best[i, b], choice[i, b] = v, n
+    for i in range(1, P + 1):  # vectorised over the budget b; n in increasing order, strict > keeps the smallest n
+        for j, n in enumerate(ns):
+            cand = np.full(total + 1, -np.inf)
+            cand[n:] = best[i - 1, : total + 1 - n] + vals[i - 1, j]
+            better = cand > best[i] + 1e-15
+            best[i] = np.where(better, cand, best[i])
+            choice[i] = np.where(better, n, choice[i])
     out, b = torch.zeros(P, dtype=torch.long), total
     for i in range(P, 0, -1):
-        out[i - 1] = choice[i, b]
+        out[i - 1] = int(choice[i, b])
         b -= int(choice[i, b])
     return out
 
@@ -550,3 +563,388 @@ def max_variance_subset(values: Tensor, k: int) -> Tensor:
             best_mask = torch.zeros(n, dtype=torch.bool)
             best_mask[idx] = True
     return best_mask
+
+
+# ------------------------------------------------------------------------------------------------ variant dispatch
+ADVANTAGE_VARIANTS = ("group", "ngrpo")
+"""Advantage variants selectable by name for both modalities (``grpo.advantage_variant``): Flow-GRPO's group
+normalisation, NGRPO's virtual-r_max calibration."""
+
+
+def variant_advantages(
+    variant: str,
+    rewards: Mapping[str, Tensor],
+    weights: Mapping[str, float],
+    group_ids: Tensor,
+    *,
+    std_mode: StdMode = "group",
+    mode: MultiRewardMode = "sum_then_normalize",
+    r_max: float = 1.0,
+    eps: float = 1e-4,
+) -> AdvantageOutput:
+    """Advantages of the named modality-agnostic variant, the one entry point both trainers dispatch through.
+
+    - ``"group"``: :func:`multi_reward_advantages` (one reward: :func:`group_advantages` of ``w·r``).
+    - ``"ngrpo"``: :func:`ngrpo_advantages` of the weighted sum ``Σ_k w_k r_k`` (a NaN component is skipped; a
+      sample whose components are all NaN stays NaN, i.e. invalid), with the virtual reward ``r_max``. NGRPO
+      needs one scalar reward, so ``mode`` does not apply.
+
+    Args:
+        variant: one of :data:`ADVANTAGE_VARIANTS`.
+        rewards, weights: name -> ``[B]`` rewards / weight (same keys).
+        group_ids: ``[B]`` integer labels.
+        std_mode, mode, eps: as in :func:`multi_reward_advantages` (``std_mode``/``mode`` for ``"group"`` only).
+        r_max: NGRPO's virtual reward.
+
+    Returns:
+        :class:`AdvantageOutput`.
+    """
+    if variant not in ADVANTAGE_VARIANTS:
+        raise ValueError(f"unknown advantage variant {variant!r}; allowed: {', '.join(ADVANTAGE_VARIANTS)}")
+    if variant == "group":
+        return multi_reward_advantages(rewards, weights, group_ids, mode=mode, std_mode=std_mode, eps=eps)
+    if set(rewards) != set(weights) or not rewards:
+        raise ValueError(f"weights keys {sorted(weights)} must equal rewards keys {sorted(rewards)} (non-empty)")
+    stacked = torch.stack([rewards[n].detach().to(torch.float64) * float(weights[n]) for n in sorted(rewards)])
+    present = ~torch.isnan(stacked)
+    total = torch.where(present, stacked, torch.zeros_like(stacked)).sum(0)
+    total = torch.where(present.any(0), total, torch.full_like(total, float("nan")))
+    return ngrpo_advantages(total, group_ids, r_max=r_max, eps=eps)
+
+
+# ------------------------------------------------------------------------------------------------ DCPO SAS
+class RewardStats:
+    """Cumulative reward statistics of each prompt over all its visits (DCPO's smooth advantage standardisation).
+
+    Per prompt: ``visits`` (training steps that sampled it), ``n`` (rewards seen), ``sum``, ``sumsq`` (float64) and
+    the min / max reward (so "all rewards equal" is decided exactly). The mean and the population std of *all* the
+    prompt's rewards so far follow exactly. (The reference code pools per-visit mean/std with equal weight per
+    visit, which is the same thing when every visit has the same group size.)
+
+    Args:
+        n_prompts: prompts tracked (indices 0..n-1).
+    """
+
+    def __init__(self, n_prompts: int) -> None:
+        self.visits = torch.zeros(n_prompts, dtype=torch.long)
+        self.n = torch.zeros(n_prompts, dtype=torch.float64)
+        self.sum = torch.zeros(n_prompts, dtype=torch.float64)
+        self.sumsq = torch.zeros(n_prompts, dtype=torch.float64)
+        self.min = torch.full((n_prompts,), math.inf, dtype=torch.float64)
+        self.max = torch.full((n_prompts,), -math.inf, dtype=torch.float64)
+
+    def update(self, prompt_idx: Tensor, rewards: Tensor) -> None:
+        """One visit of each distinct prompt in ``prompt_idx`` ([B] long), adding its valid (non-NaN) rewards."""
+        idx = prompt_idx.long().cpu()
+        r = rewards.detach().to(torch.float64).cpu()
+        ok = ~torch.isnan(r)
+        uniq = torch.unique(idx)
+        self.visits[uniq] += 1
+        i, v = idx[ok], r[ok]
+        self.n.index_add_(0, i, torch.ones_like(v))
+        self.sum.index_add_(0, i, v)
+        self.sumsq.index_add_(0, i, v * v)
+        self.min.scatter_reduce_(0, i, v, "amin")
+        self.max.scatter_reduce_(0, i, v, "amax")
+
+    def mean_std(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(mean, population std, flat)`` of prompts ``idx``; ``flat`` = all their rewards are equal (std 0)."""
+        n = self.n[idx].clamp_min(1)
+        mean = self.sum[idx] / n
+        var = (self.sumsq[idx] / n - mean.square()).clamp_min(0)
+        flat = ~(self.max[idx] > self.min[idx])
+        return mean, torch.where(flat, torch.zeros_like(var), var.sqrt()), flat
+
+    def state_dict(self) -> dict[str, list]:
+        return {k: getattr(self, k).tolist() for k in ("visits", "n", "sum", "sumsq", "min", "max")}
+
+    def load_state_dict(self, sd: Mapping[str, list]) -> None:
+        for k in ("visits", "n", "sum", "sumsq", "min", "max"):
+            setattr(self, k, torch.tensor(sd[k], dtype=getattr(self, k).dtype))
+
+
+def _group_flat_stats(r: Tensor, valid: Tensor, inv: Tensor, n_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-group ``(mean, population std, flat)`` of the valid values of ``r`` (float64); ``flat`` = all equal."""
+    zeros_g = r.new_zeros(n_groups)
+    r0 = torch.where(valid, r, torch.zeros_like(r))
+    cnt = zeros_g.index_add(0, inv, valid.to(r.dtype))
+    mu = zeros_g.index_add(0, inv, r0) / cnt.clamp_min(1)
+    centred = torch.where(valid, r - mu[inv], torch.zeros_like(r))
+    std = (zeros_g.index_add(0, inv, centred.square()) / cnt.clamp_min(1)).sqrt()
+    big = torch.finfo(r.dtype).max
+    gmax = zeros_g.scatter_reduce(0, inv, torch.where(valid, r, torch.full_like(r, -big)), "amax", include_self=False)
+    gmin = zeros_g.scatter_reduce(0, inv, torch.where(valid, r, torch.full_like(r, big)), "amin", include_self=False)
+    return mu, std, ~(gmax > gmin)
+
+
+def dcpo_sas_advantages(rewards: Tensor, group_ids: Tensor, prompt_idx: Tensor, stats: RewardStats, *,
+                        eps: float = 1e-4) -> AdvantageOutput:
+    """DCPO smooth advantage standardisation (SAS, arXiv 2509.02333; lime-RL/DCPO ``compute_dcpo_outcome_advantage``).
+
+    For sample j of prompt q at its i-th visit (i counts this one):
+    ``A_new = (r_j - mu_new)/(sigma_new + eps)`` with this step's group statistics, and
+    ``A_total = (r_j - mu_total)/(sigma_total + eps)`` with the statistics of *all* q's rewards so far (this step
+    included, ``stats`` is updated first). Either is 0 when its std is 0. Then
+    ``SA_new = (i-1)/i · A_new + 1/i · A_total``, ``SA_total = 1/i · A_new + (i-1)/i · A_total``, and the advantage is
+    the one of smaller magnitude (``SA_new`` only when strictly smaller, as in the reference). An all-correct or
+    all-wrong group thus still gets a (damped) signal whenever the prompt's history has varied. Population stds
+    (flowrl's convention; the reference mixes unbiased per-step and pooled stds).
+
+    Args:
+        rewards: ``[B]`` float (NaN = not applicable: advantage 0, invalid, not tracked).
+        group_ids: ``[B]`` integer labels (one group = one prompt's samples of this step).
+        prompt_idx: ``[B]`` long, the dataset index of each sample's prompt (the key of ``stats``).
+        stats: :class:`RewardStats`, updated in place (one visit per distinct prompt).
+        eps: added to the stds.
+
+    Returns:
+        :class:`AdvantageOutput`; ``zero_std`` = valid and both the group and the prompt's history are flat.
+    """
+    _check_rewards_and_groups(rewards, group_ids)
+    if prompt_idx.shape != rewards.shape:
+        raise ValueError(f"prompt_idx shape {tuple(prompt_idx.shape)} must equal rewards shape {tuple(rewards.shape)}")
+    r = rewards.detach().to(torch.float64).cpu()
+    valid = ~torch.isnan(r)
+    inv, n_groups = _group_index(group_ids.cpu())
+    mu_g, sd_g, flat_g = _group_flat_stats(r, valid, inv, n_groups)
+    idx = prompt_idx.long().cpu()
+    stats.update(idx, r)
+    mu_t, sd_t, flat_t = stats.mean_std(idx)
+    a_new = torch.where(flat_g[inv], torch.zeros_like(r), (r - mu_g[inv]) / (sd_g[inv] + eps))
+    a_tot = torch.where(flat_t, torch.zeros_like(r), (r - mu_t) / (sd_t + eps))
+    i = stats.visits[idx].to(torch.float64)
+    sa_new = (i - 1) / i * a_new + a_tot / i
+    sa_tot = a_new / i + (i - 1) / i * a_tot
+    adv = torch.where(sa_new.abs() < sa_tot.abs(), sa_new, sa_tot)
+    adv = torch.where(valid, adv, torch.zeros_like(adv))
+    zero_std = valid & flat_g[inv] & flat_t
+    dev = rewards.device
+    return AdvantageOutput(advantages=adv.to(torch.float32).to(dev), zero_std=zero_std.to(dev), valid=valid.to(dev))
+
+
+# ------------------------------------------------------------------------------------------------ RiskPO
+@dataclass(frozen=True)
+class Papers:
+    """RiskPO's "papers": within a bundle of B prompts, paper j takes the j-th sample of every prompt.
+
+    Attributes:
+        scores: ``[P]`` float64, the sum of the paper's rewards (NaN when one of them is NaN).
+        bundle: ``[P]`` long, bundle index 0..n_bundles-1 of each paper.
+        of_sample: ``[N]`` long, each sample's paper, -1 for samples in none (a bundle's papers number its
+            smallest group).
+        n_bundles: number of bundles.
+    """
+
+    scores: Tensor
+    bundle: Tensor
+    of_sample: Tensor
+    n_bundles: int
+
+
+def riskpo_papers(rewards: Tensor, group_ids: Tensor, bundle_ids: Tensor) -> Papers:
+    """Build RiskPO's papers (bundling, arXiv 2510.00911; RTkenny/RiskPO, "papers without replacement"): in each
+    bundle, group k's samples are taken in batch order and the j-th of every group forms paper j; a bundle has as
+    many papers as its smallest group.
+
+    Args:
+        rewards: ``[N]`` float (NaN allowed).
+        group_ids: ``[N]`` integer group (prompt) labels.
+        bundle_ids: ``[N]`` integer bundle labels; all samples of a group must share one bundle.
+
+    Returns:
+        :class:`Papers`.
+    """
+    _check_rewards_and_groups(rewards, group_ids)
+    if bundle_ids.shape != group_ids.shape:
+        raise ValueError(f"bundle_ids shape {tuple(bundle_ids.shape)} must equal group_ids shape "
+                         f"{tuple(group_ids.shape)}")
+    r = rewards.detach().to(torch.float64).cpu()
+    g, bnd = group_ids.cpu().tolist(), bundle_ids.cpu().tolist()
+    members: dict[int, dict[int, list[int]]] = {}
+    bundle_of: dict[int, int] = {}
+    for i, (gi, bi) in enumerate(zip(g, bnd)):
+        if bundle_of.setdefault(gi, bi) != bi:
+            raise ValueError(f"group {gi} straddles bundles {bundle_of[gi]} and {bi}")
+        members.setdefault(bi, {}).setdefault(gi, []).append(i)
+    of = torch.full((r.numel(),), -1, dtype=torch.long)
+    scores, bundle = [], []
+    for b_ord, (bi, groups) in enumerate(members.items()):
+        n_papers = min(len(rows) for rows in groups.values())
+        for j in range(n_papers):
+            rows = [groups[gi][j] for gi in groups]
+            of[rows] = len(scores)
+            scores.append(float(r[rows].sum()))
+            bundle.append(b_ord)
+    return Papers(scores=torch.tensor(scores, dtype=torch.float64), bundle=torch.tensor(bundle, dtype=torch.long),
+                  of_sample=of, n_bundles=len(members))
+
+
+def bundle_quantiles(papers: Papers, level: float) -> Tensor:
+    """``[n_bundles]`` float64: the ``level``-quantile of each bundle's valid paper scores (``torch.quantile``,
+    linear interpolation); NaN for a bundle without a valid paper."""
+    out = torch.full((papers.n_bundles,), float("nan"), dtype=torch.float64)
+    for b in range(papers.n_bundles):
+        s = papers.scores[(papers.bundle == b) & ~torch.isnan(papers.scores)]
+        if s.numel():
+            out[b] = torch.quantile(s, level)
+    return out
+
+
+def riskpo_advantages(
+    rewards: Tensor,
+    group_ids: Tensor,
+    bundle_ids: Tensor,
+    *,
+    alpha: float = 0.2,
+    beta: float = 0.8,
+    omega: float = 1.5,
+    q_low: Tensor | float | None = None,
+    q_high: Tensor | float | None = None,
+    eps: float = 1e-6,
+) -> tuple[AdvantageOutput, Papers]:
+    """RiskPO's Mixed-Value-at-Risk advantages of bundled papers (arXiv 2510.00911; RTkenny/RiskPO
+    ``compute_grpo_bundle_rvar_outcome_advantage_quantile_tracking``).
+
+    With paper score ``S`` (:func:`riskpo_papers`), quantiles ``q_a`` (level alpha) and ``q_b`` (level beta):
+
+    - RVaR part (range value-at-risk over [alpha, beta], with the reference's natural baseline):
+      ``g_R = ((S - q_a)^+ - (S - q_b)^+ + q_a - q_b) / (beta - alpha)``;
+    - CVaR part (lower tail below alpha): ``g_C = -(q_a - S)^+ / alpha``;
+    - MVaR mix: ``A = (omega·g_C + g_R) / (omega + 1)`` (``omega = 0``: RVaR only), divided by the population std
+      of the bundle's paper scores (+ eps). A bundle with a single paper, or whose paper scores are all equal, is
+      divided by 1 instead (the reference divides an all-equal bundle by its eps, which blows the advantage up to
+      ~1e6 whenever the tracked quantiles differ from the bundle's; ours stays on the scale of ``g``).
+
+    Every sample of a paper gets the paper's advantage (uniform credit assignment). Samples in no paper, or in a
+    paper with a NaN reward, get 0 and ``valid=False``.
+
+    Args:
+        rewards, group_ids, bundle_ids: ``[N]``, see :func:`riskpo_papers`.
+        alpha, beta: quantile levels, ``0 < alpha < beta <= 1`` (our defaults 0.2 / 0.8).
+        omega: weight of the CVaR part (the reference's ``w_mix`` 1.5).
+        q_low, q_high: quantiles to use, a float or ``[n_bundles]`` per bundle (e.g. tracked ones,
+            :class:`QuantileTracker`); ``None`` = each bundle's empirical quantile (:func:`bundle_quantiles`).
+        eps: added to the std and to ``beta - alpha`` / ``alpha``.
+
+    Returns:
+        ``(AdvantageOutput, Papers)``; ``zero_std`` = valid and the bundle's paper scores are all equal.
+    """
+    if not 0 < alpha < beta <= 1:
+        raise ValueError(f"need 0 < alpha < beta <= 1, got alpha={alpha}, beta={beta}")
+    if omega < 0:
+        raise ValueError(f"omega must be >= 0, got {omega}")
+    papers = riskpo_papers(rewards, group_ids, bundle_ids)
+    S, pb = papers.scores, papers.bundle
+
+    def per_bundle(q, level) -> Tensor:
+        if q is None:
+            return bundle_quantiles(papers, level)
+        return torch.as_tensor(q, dtype=torch.float64).cpu().expand(papers.n_bundles).clone()
+
+    qa, qb = per_bundle(q_low, alpha)[pb], per_bundle(q_high, beta)[pb]
+    ok = ~torch.isnan(S)
+    std = torch.ones(papers.n_bundles, dtype=torch.float64)
+    flat = torch.zeros(papers.n_bundles, dtype=torch.bool)
+    for b in range(papers.n_bundles):
+        s = S[(pb == b) & ok]
+        flat[b] = s.numel() > 0 and bool((s == s[0]).all())
+        if s.numel() > 1 and not flat[b]:
+            std[b] = s.std(correction=0)
+    g_r = ((S - qa).clamp_min(0) - (S - qb).clamp_min(0) + qa - qb) / (beta - alpha + eps)
+    g_c = -(qa - S).clamp_min(0) / (alpha + eps)
+    a_paper = (omega * g_c + g_r) / (omega + 1) / (std[pb] + eps)
+    a_paper = torch.where(ok, a_paper, torch.zeros_like(a_paper))
+    of = papers.of_sample
+    has = of >= 0
+    safe = of.clamp_min(0)
+    valid = has & (ok[safe] if S.numel() else torch.zeros_like(has))
+    adv = torch.where(valid, a_paper[safe] if S.numel() else torch.zeros_like(of, dtype=torch.float64),
+                      torch.zeros_like(of, dtype=torch.float64))
+    zero_std = valid & (flat[pb][safe] if S.numel() else torch.zeros_like(has))
+    dev = rewards.device
+    out = AdvantageOutput(advantages=adv.to(torch.float32).to(dev), zero_std=zero_std.to(dev), valid=valid.to(dev))
+    return out, papers
+
+
+class QuantileTracker:
+    """RiskPO's tracked quantiles of the paper-score distribution, one per level (stochastic approximation).
+
+    The first :meth:`update` sets each ``q`` to the batch's empirical quantile (the reference's warm-up); each later
+    one takes one SGD step on the pinball loss: ``q <- q + lr·(level - mean(1[S < q]))``.
+
+    Args:
+        levels: quantile levels, e.g. ``(alpha, beta)``.
+        lr: step size (the reference's ``lr_q``; the value is ours).
+    """
+
+    def __init__(self, levels: tuple[float, ...], lr: float = 0.1) -> None:
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.levels = torch.tensor(levels, dtype=torch.float64)
+        self.lr = float(lr)
+        self.q: Tensor | None = None
+
+    def update(self, scores: Tensor) -> None:
+        """Update from ``[P]`` paper scores (NaN ignored; nothing valid: no change)."""
+        s = scores.detach().to(torch.float64).cpu()
+        s = s[~torch.isnan(s)]
+        if not s.numel():
+            return
+        if self.q is None:
+            self.q = torch.quantile(s, self.levels)
+            return
+        below = (s[None, :] < self.q[:, None]).to(torch.float64).mean(1)
+        self.q = self.q + self.lr * (self.levels - below)
+
+    def state_dict(self) -> dict:
+        return {"q": None if self.q is None else self.q.tolist()}
+
+    def load_state_dict(self, sd: Mapping) -> None:
+        self.q = None if sd.get("q") is None else torch.tensor(sd["q"], dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------------------------ D³S
+def group_max_variance_mask(advantages: Tensor, group_ids: Tensor, keep: float) -> Tensor:
+    """D³S sample-level down-sampling within each group (the paper's intra-group variant, arXiv 2509.22115): keep the
+    ``k = max(2, ceil(keep·n))`` of the group's n samples whose advantages have the largest variance
+    (:func:`max_variance_subset`). Groups of fewer than 2 samples (or ``k >= n``) are kept whole. The kept samples
+    keep the advantages computed on the full group.
+
+    Args:
+        advantages: ``[B]`` float.
+        group_ids: ``[B]`` integer labels.
+        keep: fraction in (0, 1].
+
+    Returns:
+        ``[B]`` bool, True for kept samples.
+    """
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    _check_rewards_and_groups(advantages.detach().float(), group_ids)
+    a = advantages.detach().cpu()
+    g = group_ids.cpu()
+    out = torch.zeros(a.numel(), dtype=torch.bool)
+    for gid in torch.unique(g):
+        rows = (g == gid).nonzero().squeeze(1)
+        n = rows.numel()
+        k = max(2, math.ceil(keep * n - 1e-9))
+        if n < 2 or k >= n:
+            out[rows] = True
+        else:
+            out[rows[max_variance_subset(a[rows], k)]] = True
+    return out.to(advantages.device)
+
+
+def d3s_keep_ratio(step: int, total_steps: int, start: float,
+                   schedule: Literal["constant", "linear"] = "linear") -> float:
+    """D³S's dynamic down-sampling schedule: aggressive at first, relaxing toward no down-sampling. The paper does not
+    give the curve in a form we could check; ``linear`` (our choice) goes from ``start`` at step 0 to 1 at
+    ``total_steps``: ``start + (1 - start)·min(step/total_steps, 1)``; ``constant`` keeps ``start``."""
+    if not 0 < start <= 1:
+        raise ValueError(f"start must be in (0, 1], got {start}")
+    if schedule == "constant":
+        return float(start)
+    if schedule != "linear":
+        raise ValueError(f"schedule must be 'constant' or 'linear', got {schedule!r}")
+    u = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    return float(start + (1 - start) * u)

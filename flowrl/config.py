@@ -47,6 +47,18 @@ class ModelConfig:
     """Modules that get LoRA; None = the family preset (SD3: attention projections of both streams)."""
     lora_on_ff: bool = True
     """Add the feed-forward layers to the preset targets."""
+    enable_xformers_memory_efficient_attention: bool = False
+    """Transformer attention through xformers (``pip install -e '.[xformers]'``, CUDA only; checked before loading).
+    Off = torch's scaled_dot_product_attention (SDPA), the default and already memory-efficient on GPUs."""
+    text_encoder_offload: bool = False
+    """Keep the text encoders on the CPU and move them to the GPU only while encoding; each prompt's embeddings
+    are then cached (``prompt_embeds_cache_size``) and a repeated prompt is never re-encoded."""
+    prompt_embeds_cache_size: int = 1024
+    """With ``text_encoder_offload``: prompt embeddings kept in an LRU cache on the CPU, keyed by prompt text
+    (SD3.5 at 256 T5 tokens: 2.7 MB per prompt in bf16); 0 = re-encode every step."""
+    precompute_prompt_embeds: bool = False
+    """Encode the training and evaluation prompt sets (and the negative prompt) once at setup, then delete the
+    text encoders; a prompt outside those sets is then an error. Memory: one embedding per prompt on the CPU."""
 
 
 @dataclasses.dataclass
@@ -156,6 +168,11 @@ class GRPOConfig:
     sft_weight: float = 0.0
     """``tree`` plan: lambda of the LayerTuning SFT term lambda * sum_t w_t ||v(x_t) - v*_t||^2 toward the tree's
     best path (0 = off)."""
+    advantage_variant: Literal["group", "ngrpo"] = "group"
+    """Modality-agnostic advantage variant (flowrl.advantages.variant_advantages), image and text trainers:
+    ``group`` = (r - mean)/std per group; ``ngrpo`` = NGRPO, a virtual ngrpo_r_max sample joins each group's stats."""
+    ngrpo_r_max: float = 1.0
+    """NGRPO's virtual reward (the reward's maximum)."""
 
 
 @dataclasses.dataclass
@@ -243,16 +260,91 @@ class TextConfig:
     """DAPO dynamic sampling: keep groups with 0 < #correct < G, resample prompts to fill the batch."""
     dynamic_sampling_max_rounds: int = 4
     """Sampling rounds per step at most when dynamic_sampling (then train on what was kept)."""
-    advantage_baseline: Literal["group", "ngrpo"] = "group"
-    """``group``: (r - mean)/std per group; ``ngrpo``: a virtual r_max sample joins each group's statistics."""
-    ngrpo_r_max: float = 1.0
-    """NGRPO's virtual reward (the reward's maximum)."""
+    advantage_baseline: Literal["group", "ngrpo", "dcpo", "spo", "riskpo"] = "group"
+    """``group``: (r - mean)/std per group (or grpo.advantage_variant); ``ngrpo``: a virtual ngrpo_r_max sample joins
+    each group's statistics; ``dcpo``: DCPO smooth standardisation over the prompt's visits; ``spo``: SPO single
+    stream, A = r - tracked value, batch-normalised (group_size may be 1); ``riskpo``: RiskPO MVaR advantages of
+    bundled papers with tracked quantiles."""
     token_clip: Literal["fixed", "dcpo"] = "fixed"
     """``fixed``: clip_range / clip_range_high; ``dcpo``: DCPO token-prior bounds from them."""
     kl_schedule: Literal["constant", "linear", "cosine", "exp"] = "constant"
     """GRPO-D dynamic KL: beta goes from ``beta`` to ``beta_end`` over the run on this curve."""
     beta_end: float | None = None
     """Final KL weight of the schedule; None = beta (constant)."""
+    spo_d_half: float = 0.06
+    """SPO: KL half-life D_half of the value tracker's forgetting rho = clamp(2^(-D/D_half), spo_rho_min,
+    spo_rho_max), D = policy KL drift since the prompt was last seen (our default)."""
+    spo_rho_min: float = 0.875
+    """SPO: smallest forgetting factor."""
+    spo_rho_max: float = 0.96
+    """SPO: largest forgetting factor."""
+    riskpo_bundle_size: int = 5
+    """RiskPO: prompts per bundle (consecutive groups of a step; a paper = one completion of each)."""
+    riskpo_alpha: float = 0.2
+    """RiskPO: lower quantile level alpha (RVaR over [alpha, beta], CVaR below alpha)."""
+    riskpo_beta: float = 0.8
+    """RiskPO: upper quantile level beta."""
+    riskpo_omega: float = 1.5
+    """RiskPO: weight of the CVaR part in the MVaR mix (0 = RVaR only)."""
+    riskpo_quantile_lr: float = 0.1
+    """RiskPO: step size of the tracked quantiles q <- q + lr (level - F(q))."""
+    riskpo_quantile_mode: Literal["mix", "track", "batch"] = "mix"
+    """RiskPO: quantiles used - the tracked ones, the bundle's batch ones, or their mean (the reference's default)."""
+    prompt_selection: Literal["uniform", "vade"] = "uniform"
+    """``uniform``: random prompts each step; ``vade``: VADE Thompson sampling of the prompts with the largest
+    p(1-p) under per-prompt Beta posteriors."""
+    rollout_allocation: Literal["uniform", "knapsack", "gvm"] = "uniform"
+    """Completions per prompt: ``uniform`` = group_size each; ``knapsack`` = Knapsack-RL DP over the tracked success
+    rates; ``gvm`` = GVM's n_i ~ G_i / sqrt(p_i + gvm_alpha / p_i^(gvm_beta - 1)). Total stays
+    prompts_per_step * group_size."""
+    allocation_n_min: int = 2
+    """knapsack / gvm: fewest completions per prompt."""
+    allocation_n_max: int | None = None
+    """knapsack: most completions per prompt; None = no cap."""
+    gvm_alpha: float = 1e-3
+    """GVM: alpha of the allocation rule."""
+    gvm_beta: float = 2.0
+    """GVM: beta of the allocation rule."""
+    tracker_decay: float = 1.0
+    """vade / knapsack / gvm: a prompt's Beta evidence is scaled toward the prior by this factor at each visit
+    (VADE's prior decay; 1 = keep everything)."""
+    sample_selection: Literal["none", "d3s"] = "none"
+    """``d3s``: D³S sample-level down-sampling, keep the subset of each group with the largest advantage variance."""
+    token_selection: Literal["none", "d3s"] = "none"
+    """``d3s``: D³S token-level down-sampling, train only the tokens with the largest |A|·entropy."""
+    d3s_sample_keep: float = 0.5
+    """D³S: fraction of each group kept at step 0 (at least 2 samples)."""
+    d3s_token_keep: float = 0.5
+    """D³S: fraction of tokens kept at step 0."""
+    d3s_schedule: Literal["constant", "linear"] = "linear"
+    """D³S: keep fractions relax linearly to 1 over the run (``linear``), or stay (``constant``)."""
+    token_weighting: Literal["none", "gtpo"] = "none"
+    """``gtpo``: GTPO conflict tokens (negative updates skipped, positive ones x gtpo_conflict_weight) and entropy
+    filter."""
+    gtpo_conflict_weight: float = 2.0
+    """GTPO: weight of a conflict token in a positive-advantage completion."""
+    gtpo_entropy_threshold: float = 0.7
+    """GTPO: completions with mean token entropy above this (nats) get no update."""
+    gtpo_entropy_coef: float = 0.1
+    """GTPO: kept completions' advantage minus this times their mean entropy (0 = filter only)."""
+    reward_shaping: Literal["none", "grpo_lambda"] = "none"
+    """``grpo_lambda``: GRPO-λ, length-penalised reward for the top-λ groups by correctness ratio, 0/1 elsewhere
+    (logged as the ``length_penalty`` reward)."""
+    grpo_lambda_fraction: float = 0.2
+    """GRPO-λ: λ, the fraction of the step's groups that get the length penalty."""
+    correct_reward: float = 1.0
+    """A completion counts as correct when its weighted total reward is at least this (GRPO-λ, KDRL masking)."""
+    teacher_name_or_path: str | None = None
+    """KDRL teacher (a causal LM with the student's tokenizer): ``tiny`` (the tiny LM warmed up without answer
+    noise), a transformers directory / hub id, or ``package:NAME``. Set = KDRL on."""
+    kd_beta: float = 5e-3
+    """KDRL: weight of the KL to the teacher at the start of training."""
+    kd_beta_end: float | None = 1e-3
+    """KDRL: weight at the end (linear annealing); None = constant kd_beta."""
+    kd_estimator: Literal["k1", "k2", "k3"] = "k2"
+    """KDRL: per-token estimator of KL(student || teacher)."""
+    kd_mask: Literal["all", "incorrect"] = "incorrect"
+    """KDRL reward-guided masking: distil on every completion, or only on incorrect ones."""
 
 
 @dataclasses.dataclass
@@ -462,6 +554,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     branching = p.plan in ("tempflow", "g2rpo", "tree")
     if branching:  # group_size = roots (seeds / anchors / trees) per prompt; the groups are the siblings
         need(g.group_size >= 1, f"group_size (roots per prompt) must be >= 1, got {g.group_size}")
+    elif cfg.modality == "text" and cfg.text.advantage_baseline == "spo":  # SPO: single stream, 1 sample per prompt
+        need(g.group_size >= 1, f"group_size must be >= 1, got {g.group_size}")
     else:
         need(g.group_size >= 2, f"group_size must be >= 2 (advantages compare samples within a group), got {g.group_size}")
     need(g.prompts_per_step >= 1, f"prompts_per_step must be >= 1, got {g.prompts_per_step}")
@@ -503,6 +597,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(o.gradient_accumulation_steps is None or o.gradient_accumulation_steps >= 1,
          f"gradient_accumulation_steps must be >= 1 or null, got {o.gradient_accumulation_steps}")
     need(m.rank >= 0, f"rank must be >= 0 (0 = full fine-tuning), got {m.rank}")
+    need(m.prompt_embeds_cache_size >= 0,
+         f"prompt_embeds_cache_size must be >= 0 (0 = no cache), got {m.prompt_embeds_cache_size}")
+    if m.enable_xformers_memory_efficient_attention and cfg.modality == "image":  # before any model is loaded
+        from .policies.base import xformers_error_message, xformers_unavailable_reason
+
+        reason = xformers_unavailable_reason()
+        need(reason is None, xformers_error_message(reason or ""))
     need(m.resolution is None or (m.resolution >= 8 and m.resolution % 8 == 0),
          f"resolution must be a multiple of 8, got {m.resolution}")
     need(e.eval_steps >= 0, f"eval_steps must be >= 0, got {e.eval_steps}")
@@ -520,7 +621,42 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(t.dynamic_sampling_max_rounds >= 1, f"dynamic_sampling_max_rounds must be >= 1, got {t.dynamic_sampling_max_rounds}")
     need(0 <= t.sft_noise < 1, f"sft_noise must be in [0, 1), got {t.sft_noise}")
     need(t.beta_end is None or t.beta_end >= 0, f"beta_end must be >= 0, got {t.beta_end}")
+    _validate_text_variants(cfg, need)
     return cfg
+
+
+def _validate_text_variants(cfg: TrainConfig, need) -> None:
+    """Checks of the LLM variants (text section) and of grpo.advantage_variant."""
+    t, g = cfg.text, cfg.grpo
+    need(not (t.advantage_baseline != "group" and g.advantage_variant != "group"
+              and t.advantage_baseline != g.advantage_variant),
+         f"advantage_baseline={t.advantage_baseline!r} and advantage_variant={g.advantage_variant!r} choose two "
+         "different advantages; set one of them")
+    need(t.spo_d_half > 0, f"spo_d_half must be > 0, got {t.spo_d_half}")
+    need(0 < t.spo_rho_min <= t.spo_rho_max <= 1,
+         f"need 0 < spo_rho_min <= spo_rho_max <= 1, got {t.spo_rho_min}, {t.spo_rho_max}")
+    need(t.riskpo_bundle_size >= 1, f"riskpo_bundle_size must be >= 1, got {t.riskpo_bundle_size}")
+    need(0 < t.riskpo_alpha < t.riskpo_beta <= 1,
+         f"need 0 < riskpo_alpha < riskpo_beta <= 1, got {t.riskpo_alpha}, {t.riskpo_beta}")
+    need(t.riskpo_omega >= 0, f"riskpo_omega must be >= 0, got {t.riskpo_omega}")
+    need(t.riskpo_quantile_lr > 0, f"riskpo_quantile_lr must be > 0, got {t.riskpo_quantile_lr}")
+    need(1 <= t.allocation_n_min <= g.group_size or t.rollout_allocation == "uniform",
+         f"allocation_n_min must be in [1, group_size={g.group_size}] (the total is prompts_per_step * group_size), "
+         f"got {t.allocation_n_min}")
+    need(t.allocation_n_max is None or t.allocation_n_max >= max(t.allocation_n_min, g.group_size),
+         f"allocation_n_max must be >= group_size and allocation_n_min or null, got {t.allocation_n_max}")
+    need(t.gvm_alpha >= 0, f"gvm_alpha must be >= 0, got {t.gvm_alpha}")
+    need(0 <= t.tracker_decay <= 1, f"tracker_decay must be in [0, 1], got {t.tracker_decay}")
+    need(0 < t.d3s_sample_keep <= 1, f"d3s_sample_keep must be in (0, 1], got {t.d3s_sample_keep}")
+    need(0 < t.d3s_token_keep <= 1, f"d3s_token_keep must be in (0, 1], got {t.d3s_token_keep}")
+    need(t.gtpo_conflict_weight >= 0, f"gtpo_conflict_weight must be >= 0, got {t.gtpo_conflict_weight}")
+    need(t.gtpo_entropy_threshold > 0, f"gtpo_entropy_threshold must be > 0, got {t.gtpo_entropy_threshold}")
+    need(t.gtpo_entropy_coef >= 0, f"gtpo_entropy_coef must be >= 0, got {t.gtpo_entropy_coef}")
+    need(0 <= t.grpo_lambda_fraction <= 1, f"grpo_lambda_fraction must be in [0, 1], got {t.grpo_lambda_fraction}")
+    need(t.kd_beta >= 0, f"kd_beta must be >= 0, got {t.kd_beta}")
+    need(t.kd_beta_end is None or t.kd_beta_end >= 0, f"kd_beta_end must be >= 0, got {t.kd_beta_end}")
+    need(not (t.advantage_baseline == "spo" and t.dynamic_sampling),
+         "advantage_baseline='spo' has no groups to filter; dynamic_sampling must be false")
 
 
 def _validate_branching(cfg: TrainConfig, need) -> None:

@@ -120,8 +120,102 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# ------------------------------------------------------------------------------------------------ LLM variants
+# The GRPO variants of the text adapter (ALGORITHMS.md, "LLM variants"; flowrl.text_trainer). Kept apart from the image
+# presets above (tests/test_presets.py trains every image preset on the tiny SD3). Text-only ones set modality: text;
+# ngrpo is modality-agnostic (grpo.advantage_variant, used by both trainers). Each composes with the others ("+").
+LLM_PRESETS: dict[str, dict] = {
+    "dapo": {
+        "_doc": "DAPO (arXiv 2503.14476), text: clip-higher 0.2/0.28, dynamic sampling (keep groups with "
+        "0 < #correct < G), token-level loss; add --overlong_buffer N for the soft overlong punishment.",
+        "modality": "text",
+        "grpo": {"clip_range": 0.2, "clip_range_high": 0.28},
+        "text": {"dynamic_sampling": True, "loss_type": "dapo"},
+    },
+    "ngrpo": {
+        "_doc": "NGRPO: a virtual max-reward sample joins every group's statistics (all-wrong groups still teach); "
+        "image and text. For text pair with --clip_range 0.16 --clip_range_high 0.24.",
+        "grpo": {"advantage_variant": "ngrpo"},
+    },
+    "dcpo": {
+        "_doc": "DCPO (arXiv 2509.02333), text: token-prior clip bounds (eps 0.16/0.2) and smooth advantage "
+        "standardisation over each prompt's visits.",
+        "modality": "text",
+        "grpo": {"clip_range": 0.16, "clip_range_high": 0.2},
+        "text": {"token_clip": "dcpo", "advantage_baseline": "dcpo"},
+    },
+    "gtpo": {
+        "_doc": "GTPO (arXiv 2508.03772), text: conflict tokens (negative updates skipped, positive x2), entropy "
+        "filter (mean entropy > 0.7 nats: no update), no KL.",
+        "modality": "text",
+        "grpo": {"beta": 0.0},
+        "text": {"token_weighting": "gtpo"},
+    },
+    "d3s": {
+        "_doc": "D³S (arXiv 2509.22115), text: keep the max-Var(A) half of each group and the top half of tokens by "
+        "|A|·entropy, both relaxing linearly to everything over the run.",
+        "modality": "text",
+        "text": {"sample_selection": "d3s", "token_selection": "d3s", "d3s_schedule": "linear"},
+    },
+    "vade": {
+        "_doc": "VADE, text: Beta posterior per prompt, Thompson-sample the prompts with the largest p(1-p), prior "
+        "decay 0.9 per visit (our value).",
+        "modality": "text",
+        "text": {"prompt_selection": "vade", "tracker_decay": 0.9},
+    },
+    "knapsack_rl": {
+        "_doc": "Knapsack RL, text: completions per prompt by a DP maximising sum [1-p^n-(1-p)^n] p(1-p)^2 under the "
+        "step's total budget (tracked success rates p).",
+        "modality": "text",
+        "text": {"rollout_allocation": "knapsack"},
+    },
+    "gvm": {
+        "_doc": "GVM-RAFT's allocation, text: n_i ~ G_i / sqrt(p_i + a / p_i^(b-1)) on the GRPO objective (the RAFT "
+        "loss itself is not implemented).",
+        "modality": "text",
+        "text": {"rollout_allocation": "gvm"},
+    },
+    "spo": {
+        "_doc": "SPO single stream, text: one completion per prompt, A = r - Beta-tracked value, batch-normalised, "
+        "KL-adaptive forgetting.",
+        "modality": "text",
+        "grpo": {"group_size": 1, "prompts_per_step": 64},  # the default batch (8 x 8 completions) as 64 streams
+        "text": {"advantage_baseline": "spo"},
+    },
+    "riskpo": {
+        "_doc": "RiskPO (arXiv 2510.00911), text: bundles of 5 prompts, MVaR advantages (RVaR[0.2, 0.8] + "
+        "1.5 CVaR_0.2) with tracked quantiles.",
+        "modality": "text",
+        "text": {"advantage_baseline": "riskpo"},
+    },
+    "kdrl": {
+        "_doc": "KDRL (arXiv 2506.02208), text: GRPO + k2 reverse KL to a teacher (weight 5e-3 -> 1e-3), only on "
+        "incorrect completions; teacher 'tiny' unless --teacher_name_or_path.",
+        "modality": "text",
+        "text": {"teacher_name_or_path": "tiny", "kd_beta": 5e-3, "kd_beta_end": 1e-3, "kd_estimator": "k2",
+                 "kd_mask": "incorrect"},
+    },
+    "grpo_lambda": {
+        "_doc": "GRPO-λ (arXiv 2505.18086), text: length-penalised reward for the top-20% groups by correctness, "
+        "0/1 reward elsewhere.",
+        "modality": "text",
+        "text": {"reward_shaping": "grpo_lambda", "grpo_lambda_fraction": 0.2},
+    },
+    "grpo_d": {
+        "_doc": "OThink-MR1 GRPO-D, text: KL weight rising linearly from 0 to 0.04 over the run.",
+        "modality": "text",
+        "grpo": {"beta": 0.0},
+        "text": {"kl_schedule": "linear", "beta_end": 0.04},
+    },
+}
+
+
 def preset_names() -> list[str]:
     return sorted(PRESETS)
+
+
+def llm_preset_names() -> list[str]:
+    return sorted(LLM_PRESETS)
 
 
 def get_preset(name: str) -> dict:
@@ -130,12 +224,13 @@ def get_preset(name: str) -> dict:
     ``"A+B"`` composes presets left to right: sections are merged, a field set by both takes B's value.
     """
     merged: dict = {}
+    registry = {**PRESETS, **LLM_PRESETS}
     for part in name.split("+"):
         part = part.strip()
-        if part not in PRESETS:
-            raise ValueError(f"unknown algorithm {part!r}; available: {', '.join(preset_names())} "
-                             "(compose them with '+', e.g. mixgrpo+grpo_guard)")
-        for k, v in PRESETS[part].items():
+        if part not in registry:
+            raise ValueError(f"unknown algorithm {part!r}; available: {', '.join(preset_names())}; LLM variants: "
+                             f"{', '.join(llm_preset_names())} (compose them with '+', e.g. mixgrpo+grpo_guard)")
+        for k, v in registry[part].items():
             if k.startswith("_"):
                 continue
             if isinstance(v, dict):
@@ -147,4 +242,6 @@ def get_preset(name: str) -> dict:
 
 def describe_presets() -> str:
     lines = [f"  {n:<22} {PRESETS[n]['_doc']}" for n in preset_names()]
-    return "\n".join(lines + ["  (compose with '+': A+B applies A then B, e.g. mixgrpo+grpo_guard)"])
+    lines += ["LLM variants (modality: text unless noted):"]
+    lines += [f"  {n:<22} {LLM_PRESETS[n]['_doc']}" for n in llm_preset_names()]
+    return "\n".join(lines + ["  (compose with '+': A+B applies A then B, e.g. mixgrpo+grpo_guard, dapo+kdrl)"])

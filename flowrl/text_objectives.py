@@ -15,11 +15,15 @@ The clipped surrogate itself is shared with the image trainer; what is text-only
 (:func:`token_loss_weights`), so the surrogate (and its stats) is not re-implemented here. The KL term (k3 estimator,
 :func:`flowrl.objectives.kl_k3`) is added per token *before* aggregation, as in TRL.
 
-Also here: DCPO's token-prior clip bounds and DAPO's overlong reward shaping (text-only variants).
+Also here, the text-only variants (ALGORITHMS.md, "LLM variants"): DCPO's token-prior clip bounds, DAPO's overlong
+reward shaping, GTPO's conflict-token weights and entropy filter, D³S's token selection by ``|A|·H``, GRPO-λ's
+length-penalty switching, and KDRL's per-token KL to a teacher (:func:`kd_token_kl`, which works on any ``[B, S]``
+log-probs).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -30,8 +34,16 @@ from .objectives import clipped_surrogate, kl_k3
 __all__ = [
     "LossType",
     "LOSS_TYPES",
+    "KD_ESTIMATORS",
     "aggregate_token_loss",
+    "d3s_token_mask",
     "dcpo_clip_bounds",
+    "grpo_lambda_rewards",
+    "gtpo_conflict_mask",
+    "gtpo_entropy_filter",
+    "gtpo_token_weights",
+    "kd_token_kl",
+    "masked_row_mean",
     "overlong_penalty",
     "text_policy_loss",
     "token_loss_weights",
@@ -39,6 +51,7 @@ __all__ = [
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+KD_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def _normaliser_check(loss_type: str, max_completion_length: int | None, num_items_in_batch: float | Tensor | None):
@@ -127,9 +140,15 @@ def text_policy_loss(
     max_completion_length: int | None = None,
     num_items_in_batch: float | Tensor | None = None,
     num_processes: int = 1,
+    token_weights: Tensor | None = None,
+    teacher_log_prob: Tensor | None = None,
+    kd_beta: float = 0.0,
+    kd_estimator: str = "k2",
+    kd_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """GRPO loss on ``[B, L]`` token log-probs: clipped surrogate (+ ``beta``·k3 KL per token), aggregated by
-    ``loss_type``. Equals TRL's ``GRPOTrainer`` loss for the same inputs (token-level importance sampling).
+    """GRPO loss on ``[B, L]`` token log-probs: clipped surrogate (+ ``beta``·k3 KL per token, + ``kd_beta``·KL to a
+    teacher per token), aggregated by ``loss_type``. Equals TRL's ``GRPOTrainer`` loss for the same inputs
+    (token-level importance sampling) when the optional variant arguments are left unset.
 
     Args:
         log_prob: ``[B, L]`` current log-probs (with grad).
@@ -141,10 +160,18 @@ def text_policy_loss(
             tensors (DCPO, :func:`dcpo_clip_bounds`).
         ref_log_prob: ``[B, L]`` reference log-probs, needed when ``beta > 0``.
         beta: KL weight.
+        token_weights: ``[B, L]`` multipliers of the per-token surrogate (not of the KL terms, not renormalised),
+            e.g. GTPO's conflict weights (:func:`gtpo_token_weights`).
+        teacher_log_prob: ``[B, L]`` a teacher's log-probs of the same tokens (KDRL), needed when ``kd_beta > 0``.
+        kd_beta: weight of the KL to the teacher, :func:`kd_token_kl` per token, aggregated like the surrogate.
+        kd_estimator: ``k1``, ``k2`` (KDRL's choice) or ``k3``.
+        kd_mask: ``[B]`` or ``[B, L]`` bool, where the KD term applies (KDRL's reward-guided masking); masked-out
+            tokens count as 0 (the aggregation's normaliser is unchanged). None = everywhere in ``mask``.
 
     Returns:
         ``(loss, stats)``: the :func:`clipped_surrogate` stats (token-level, unweighted) plus ``policy_loss``
-        (the aggregated surrogate) and ``kl`` (mean k3 over valid tokens) when ``beta > 0``.
+        (the aggregated surrogate), ``kl`` (mean k3 over valid tokens) when ``beta > 0`` and ``kd`` (mean KD
+        term over the tokens it applies to) when ``kd_beta > 0``.
     """
     if log_prob.dim() != 2:
         raise ValueError(f"log_prob must be [B, L], got shape {tuple(log_prob.shape)}")
@@ -154,6 +181,11 @@ def text_policy_loss(
     m = mask.to(torch.bool)
     w = token_loss_weights(m, loss_type, max_completion_length=max_completion_length,
                            num_items_in_batch=num_items_in_batch, num_processes=num_processes, dtype=dtype)
+    if token_weights is not None:
+        if token_weights.shape != log_prob.shape:
+            raise ValueError(f"token_weights shape {tuple(token_weights.shape)} != log_prob shape "
+                             f"{tuple(log_prob.shape)}")
+        w = w * token_weights.detach().to(dtype)
     policy_loss, stats = clipped_surrogate(log_prob, old_log_prob, advantages, clip_range=clip_range,
                                            clip_range_high=clip_range_high, mask=m, step_weights=w)
     stats.pop("ratio_mean_per_step", None)  # per-position ratios mean little for text
@@ -167,7 +199,48 @@ def text_policy_loss(
         loss = loss + beta * aggregate_token_loss(kl, m, loss_type, max_completion_length=max_completion_length,
                                                   num_items_in_batch=num_items_in_batch, num_processes=num_processes)
         stats["kl"] = (kl.detach().sum() / m.sum().clamp_min(1)).to(dtype)
+    if kd_beta != 0:
+        if teacher_log_prob is None:
+            raise ValueError("kd_beta != 0 needs teacher_log_prob")
+        mk = m if kd_mask is None else m & (kd_mask[:, None] if kd_mask.dim() == 1 else kd_mask).to(torch.bool)
+        kd = kd_token_kl(log_prob, teacher_log_prob, kd_estimator)
+        kd = torch.where(mk, kd, torch.zeros_like(kd))
+        loss = loss + kd_beta * aggregate_token_loss(kd, m, loss_type, max_completion_length=max_completion_length,
+                                                     num_items_in_batch=num_items_in_batch,
+                                                     num_processes=num_processes)
+        stats["kd"] = (kd.detach().sum() / mk.sum().clamp_min(1)).to(dtype)
     return loss, stats
+
+
+def kd_token_kl(log_prob: Tensor, teacher_log_prob: Tensor, estimator: str = "k2") -> Tensor:
+    """Per-token estimate of the reverse KL ``KL(pi_theta || pi_T)`` to a teacher on the student's own samples
+    (KDRL, arXiv 2506.02208), with ``d = logp - logp_T``:
+
+    - ``k1``: ``d`` (unbiased value, high-variance gradient);
+    - ``k2``: ``½·d²`` - KDRL's choice: its gradient ``d·∇logp`` is, in expectation over the student's samples, the
+      exact gradient of the reverse KL;
+    - ``k3``: ``exp(-d) + d - 1`` (Schulman's, as :func:`flowrl.objectives.kl_k3`).
+
+    Args:
+        log_prob: ``[B, L]`` (or any shape) student log-probs, with grad.
+        teacher_log_prob: same shape, the teacher's log-probs of the same tokens (constant).
+        estimator: ``k1``, ``k2`` or ``k3``.
+
+    Returns:
+        Same shape, >= float32.
+    """
+    if estimator not in KD_ESTIMATORS:
+        raise ValueError(f"kd estimator must be one of {', '.join(KD_ESTIMATORS)}, got {estimator!r}")
+    if teacher_log_prob.shape != log_prob.shape:
+        raise ValueError(f"teacher_log_prob shape {tuple(teacher_log_prob.shape)} != log_prob shape "
+                         f"{tuple(log_prob.shape)}")
+    dtype = torch.float64 if log_prob.dtype == torch.float64 else torch.float32
+    d = log_prob.to(dtype) - teacher_log_prob.detach().to(dtype)
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d.square()
+    return torch.exp(-d) + d - 1
 
 
 def dcpo_clip_bounds(old_log_prob: Tensor, eps_low: float = 0.16, eps_high: float = 0.2, *,
@@ -214,3 +287,164 @@ def overlong_penalty(lengths: Tensor, max_length: int, buffer: int, penalty: flo
     soft = (start - y) / buffer * penalty
     beyond = torch.where(y <= max_length, soft, torch.full_like(y, -penalty))
     return torch.where(y <= start, torch.zeros_like(y), beyond)
+
+
+def masked_row_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """``[B]`` mean of ``x [B, L]`` over each row's True ``mask`` entries (0 for an empty row), float32."""
+    m = mask.to(torch.float32)
+    return (x.float() * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+
+
+# ------------------------------------------------------------------------------------------------ GTPO
+def gtpo_conflict_mask(completion_ids: Tensor, mask: Tensor, advantages: Tensor, group_ids: Tensor) -> Tensor:
+    """GTPO conflict tokens (arXiv 2508.03772): token ``t`` of completion i is a conflict token when the same token id
+    stands at the same position t in a completion of the same group whose advantage has the opposite sign.
+
+    The paper's definition, at every position. (The authors' code additionally restricts conflicts to the runs of
+    consecutive conflict positions at the start and, aligned on the last token, at the end of the completion.)
+    Completions with advantage 0 neither have nor cause conflicts.
+
+    Args:
+        completion_ids: ``[B, L]`` long.
+        mask: ``[B, L]`` bool, the completion tokens.
+        advantages: ``[B]`` float.
+        group_ids: ``[B]`` integer labels.
+
+    Returns:
+        ``[B, L]`` bool.
+    """
+    if completion_ids.shape != mask.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} != completion_ids shape {tuple(completion_ids.shape)}")
+    B = completion_ids.shape[0]
+    if advantages.shape != (B,) or group_ids.shape != (B,):
+        raise ValueError(f"advantages and group_ids must be [{B}], got {tuple(advantages.shape)}, "
+                         f"{tuple(group_ids.shape)}")
+    ids, m = completion_ids, mask.to(torch.bool)
+    same = (ids[:, None, :] == ids[None, :, :]) & m[:, None, :] & m[None, :, :]  # [B, B, L]
+    sign = torch.sign(advantages.detach())
+    opposite = (sign[:, None] * sign[None, :] < 0) & (group_ids[:, None] == group_ids[None, :])  # [B, B]
+    return (same & opposite[:, :, None]).any(1)
+
+
+def gtpo_token_weights(conflict: Tensor, advantages: Tensor, mask: Tensor, conflict_weight: float = 2.0) -> Tensor:
+    """GTPO per-token weights ``lambda_{i,t}``: a conflict token's negative update is skipped (0) and its positive one
+    amplified (``conflict_weight``, the authors' code: 2); every other token 1 (0 outside ``mask``).
+
+    Args:
+        conflict: ``[B, L]`` bool (:func:`gtpo_conflict_mask`).
+        advantages: ``[B]`` float.
+        mask: ``[B, L]`` bool.
+        conflict_weight: >= 0.
+
+    Returns:
+        ``[B, L]`` float32, to pass as ``token_weights`` to :func:`text_policy_loss`.
+    """
+    if conflict_weight < 0:
+        raise ValueError(f"conflict_weight must be >= 0, got {conflict_weight}")
+    a = advantages.detach()[:, None].expand_as(conflict)
+    w = torch.ones(conflict.shape, dtype=torch.float32, device=conflict.device)
+    w = torch.where(conflict & (a > 0), torch.full_like(w, conflict_weight), w)
+    w = torch.where(conflict & (a < 0), torch.zeros_like(w), w)
+    return torch.where(mask.to(torch.bool), w, torch.zeros_like(w))
+
+
+def gtpo_entropy_filter(advantages: Tensor, mean_entropy: Tensor, *, threshold: float = 0.7,
+                        coef: float = 0.1) -> tuple[Tensor, Tensor]:
+    """GTPO's entropy control: a completion whose mean token entropy exceeds ``threshold`` is filtered out (advantage
+    0, no update); the kept ones get ``A - coef·H̄`` (entropy shaping).
+
+    The paper's threshold is "provable"; we take the authors' code values (``ENT_THRESHOLD`` 0.7 nats, about ln 2,
+    ``ENT_SCALE`` 0.1) as defaults. ``coef = 0`` is the filter alone.
+
+    Args:
+        advantages: ``[B]`` float.
+        mean_entropy: ``[B]`` mean entropy (nats) of each completion's tokens under the sampling policy.
+        threshold: > 0.
+        coef: >= 0.
+
+    Returns:
+        ``(advantages [B] float32, kept [B] bool)``.
+    """
+    if threshold <= 0 or coef < 0:
+        raise ValueError(f"need threshold > 0 and coef >= 0, got {threshold}, {coef}")
+    h = mean_entropy.detach().float()
+    kept = h <= threshold
+    a = advantages.detach().float() - coef * h
+    return torch.where(kept, a, torch.zeros_like(a)), kept
+
+
+# ------------------------------------------------------------------------------------------------ D³S tokens
+def d3s_token_mask(advantages: Tensor, entropy: Tensor, mask: Tensor, keep: float) -> Tensor:
+    """D³S token-level down-sampling (arXiv 2509.22115): keep the ``k = ceil(keep·N)`` of the N valid tokens with the
+    largest ``|A_{i,t}|·H_{i,t}`` (advantage magnitude times policy entropy), over the whole batch given (ties: first
+    in row-major order).
+
+    Args:
+        advantages: ``[B]`` or ``[B, L]`` float.
+        entropy: ``[B, L]`` float, the policy entropy at each token (we use the sampling policy's).
+        mask: ``[B, L]`` bool, valid tokens.
+        keep: fraction in (0, 1].
+
+    Returns:
+        ``[B, L]`` bool, a subset of ``mask``.
+    """
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    if entropy.shape != mask.shape:
+        raise ValueError(f"entropy shape {tuple(entropy.shape)} != mask shape {tuple(mask.shape)}")
+    m = mask.to(torch.bool)
+    a = advantages.detach().float()
+    a = a[:, None].expand_as(entropy) if a.dim() == 1 else a
+    score = torch.where(m, a.abs() * entropy.detach().float(), torch.full_like(entropy, -1.0, dtype=torch.float32))
+    n = int(m.sum())
+    k = min(n, math.ceil(keep * n - 1e-9))
+    flat = score.reshape(-1)
+    order = torch.sort(flat, descending=True, stable=True).indices[:k]
+    out = torch.zeros_like(flat, dtype=torch.bool)
+    out[order] = True
+    return out.view_as(m) & m
+
+
+# ------------------------------------------------------------------------------------------------ GRPO-λ
+def grpo_lambda_rewards(correct: Tensor, lengths: Tensor, group_ids: Tensor, *,
+                        top_fraction: float = 0.2) -> tuple[Tensor, Tensor]:
+    """GRPO-λ's reward switching (arXiv 2505.18086): rank the batch's groups by correctness ratio; the top-λ fraction
+    (``ceil(λ·n_groups)`` groups; ties: first in batch order) get a length-penalised reward, the others the plain
+    0/1 reward (length-agnostic, protecting reasoning where the group is still failing).
+
+    Length penalty (the paper builds on Kimi-1.5's; this form is our reading): within a group, with
+    ``l = 0.5 - (len - min_len)/(max_len - min_len)`` (0 when all lengths are equal), a correct completion gets
+    ``1 + l``, an incorrect one ``min(0, l)``.
+
+    Args:
+        correct: ``[B]`` bool.
+        lengths: ``[B]`` completion lengths (tokens).
+        group_ids: ``[B]`` integer labels.
+        top_fraction: λ in [0, 1].
+
+    Returns:
+        ``(rewards [B] float32, penalised [B] bool)`` - the latter marks samples of the top-λ groups.
+    """
+    if not 0 <= top_fraction <= 1:
+        raise ValueError(f"top_fraction must be in [0, 1], got {top_fraction}")
+    c = correct.to(torch.bool).cpu()
+    ln = lengths.detach().to(torch.float64).cpu()
+    g = group_ids.cpu().tolist()
+    order: list[int] = []
+    rows: dict[int, list[int]] = {}
+    for i, gi in enumerate(g):
+        if gi not in rows:
+            order.append(gi)
+        rows.setdefault(gi, []).append(i)
+    ratio = torch.tensor([float(c[rows[gi]].float().mean()) for gi in order], dtype=torch.float64)
+    n_top = math.ceil(top_fraction * len(order) - 1e-9)
+    top = torch.sort(-ratio, stable=True).indices[:n_top].tolist()
+    rewards = c.to(torch.float64).clone()
+    penalised = torch.zeros(len(g), dtype=torch.bool)
+    for k in top:
+        r = torch.tensor(rows[order[k]])
+        lo, hi = ln[r].min(), ln[r].max()
+        lam = 0.5 - (ln[r] - lo) / (hi - lo) if hi > lo else torch.zeros_like(ln[r])
+        rewards[r] = torch.where(c[r], 1 + lam, lam.clamp_max(0))
+        penalised[r] = True
+    return rewards.to(torch.float32).to(correct.device), penalised.to(correct.device)

@@ -28,7 +28,7 @@ from rewards import get_reward
 from samplers.plans import FullSDEPlan, WindowPlan
 from samplers.rollout import Rollout, rescore, sample
 
-from .advantages import clip_advantages, group_advantages, multi_reward_advantages
+from .advantages import clip_advantages, group_advantages, multi_reward_advantages, variant_advantages
 from .checkpoint import find_checkpoint, save_checkpoint, truncate_metrics
 from .config import TrainConfig, to_dict
 from .embedded import EMBEDDED_MODEL_DIR
@@ -132,6 +132,10 @@ class Trainer:
             device=self.device,
             gradient_checkpointing=cfg.model.gradient_checkpointing,
             need_reference=cfg.grpo.beta > 0,
+            # issue 4 (memory): xformers attention; text encoders on the CPU (also while precomputing) + cache
+            enable_xformers_memory_efficient_attention=cfg.model.enable_xformers_memory_efficient_attention,
+            text_encoder_offload=cfg.model.text_encoder_offload or cfg.model.precompute_prompt_embeds,
+            prompt_embeds_cache_size=cfg.model.prompt_embeds_cache_size,
         )
         if self.guidance is None:
             self.guidance = getattr(self.policy, "default_guidance", 4.5)
@@ -144,6 +148,8 @@ class Trainer:
         self._scorer = ThreadPoolExecutor(1, thread_name_prefix="flowrl-reward") if cfg.reward_worker else None
         self.train_prompts = load_prompts(cfg.prompts)
         self.eval_sets = {name: load_prompts(name) for name in cfg.eval.eval_sets}
+        if cfg.model.precompute_prompt_embeds:  # issue 4: encode every prompt once, then free the text encoders
+            self.policy.precompute_prompt_embeds(self.train_prompts + [p for ps in self.eval_sets.values() for p in ps])
         self.plan = make_plan(cfg)
         self.sigmas = self.policy.sigmas(cfg.sampling.num_inference_steps, self.resolution)
         self.latent_shape = self.policy.latent_shape(self.resolution)
@@ -318,6 +324,9 @@ class Trainer:
         all_rewards = {k: self.accelerator.gather(v.to(self.device)) for k, v in main.items()}
         all_groups = self.accelerator.gather(group_ids.to(self.device))
         weights = {k: float(w) for k, w in self.cfg.rewards.items()}
+        if g.advantage_variant != "group":  # modality-agnostic variants (NGRPO), shared with the text trainer
+            return variant_advantages(g.advantage_variant, all_rewards, weights, all_groups, std_mode=g.std_mode,
+                                      mode=g.reward_aggregation, r_max=g.ngrpo_r_max)
         if len(all_rewards) == 1:
             (name,) = all_rewards
             return group_advantages(all_rewards[name] * weights[name], all_groups, std_mode=g.std_mode)

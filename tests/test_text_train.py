@@ -93,3 +93,55 @@ def test_tiny_config_accuracy_rises(tmp_path):
     assert final["eval/accuracy"] >= 0.7, final
     assert final["eval/accuracy"] > before["eval/accuracy"] + 0.3
     assert final["heldout/accuracy"] > before["heldout/accuracy"]
+
+
+def _nan_text_losses(monkeypatch, which):
+    """Make the text loss NaN on the calls (0-based, in order) for which ``which(i)`` is true."""
+    import flowrl.text_trainer as tt
+
+    real = tt.text_policy_loss
+    calls = {"n": 0}
+
+    def fake(*args, **kwargs):
+        loss, st = real(*args, **kwargs)
+        i = calls["n"]
+        calls["n"] += 1
+        return (loss * float("nan") if which(i) else loss), st
+
+    monkeypatch.setattr(tt, "text_policy_loss", fake)
+    return calls
+
+
+def test_nan_loss_is_skipped_with_a_counted_warning(tmp_path, monkeypatch):
+    """2 micro-batches per step (16 completions / 8): the first micro-batch's loss of step 1 is NaN -> skipped with a
+    warning, counted, the run goes on and the logged loss stays finite."""
+    from flowrl.text_trainer import TextTrainer
+
+    calls = _nan_text_losses(monkeypatch, lambda i: i == 0)
+    out = tmp_path / "run"
+    cfg = build_config([*FAST, "--max_train_steps", "2", "--checkpointing_steps", "0", "--output_dir", str(out)])
+    with pytest.warns(RuntimeWarning, match=r"non-finite loss .* skipped \(1 skipped in all, 1 in a row\)"):
+        TextTrainer(cfg).train()
+    assert calls["n"] == 4
+    recs = records(out)
+    assert [r["train/nan_loss_skips"] for r in recs] == [1, 1]
+    assert all(r["train/loss"] == r["train/loss"] for r in recs)
+    assert (out / "final").is_dir()
+
+
+def test_text_run_stops_after_max_nan_skips_in_a_row(tmp_path, monkeypatch):
+    from flowrl.text_trainer import TextTrainer
+
+    # isolated NaNs (every other loss) never stop the run ...
+    _nan_text_losses(monkeypatch, lambda i: i % 2 == 0)
+    cfg = build_config([*FAST, "--max_train_steps", "2", "--checkpointing_steps", "0", "--max_nan_skips", "2",
+                        "--output_dir", str(tmp_path / "a")])
+    with pytest.warns(RuntimeWarning):
+        TextTrainer(cfg).train()
+    assert records(tmp_path / "a")[-1]["train/nan_loss_skips"] == 2  # of 4 losses (2 steps x 2 micro-batches)
+    # ... a streak of max_nan_skips does, with a clear error
+    _nan_text_losses(monkeypatch, lambda i: i >= 1)
+    cfg = build_config([*FAST, "--max_train_steps", "5", "--checkpointing_steps", "0", "--max_nan_skips", "3",
+                        "--output_dir", str(tmp_path / "b")])
+    with pytest.warns(RuntimeWarning), pytest.raises(FloatingPointError, match=r"3 non-finite losses in a row"):
+        TextTrainer(cfg).train()

@@ -52,6 +52,49 @@ class Policy(Protocol):
 
 SUPPORTED_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 
+XFORMERS_FLAG = "--enable_xformers_memory_efficient_attention"
+
+
+def xformers_unavailable_reason(device: torch.device | str | None = None) -> str | None:
+    """Why xformers' memory-efficient attention cannot run here, or None when it can.
+
+    Cheap (no model is loaded): xformers must import, CUDA must be available, and ``device`` (when given) must be a
+    CUDA device.
+    """
+    try:
+        import xformers.ops  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name in ("xformers", "xformers.ops"):
+            return ("xformers is not installed (it is GPU-only: pip install -e '.[xformers]' on a CUDA machine, "
+                    "matching your torch build)")
+        return f"xformers is installed but cannot be imported ({e})"
+    except Exception as e:  # a wheel built for another torch/CUDA fails at import in many ways
+        return f"xformers is installed but cannot be imported ({type(e).__name__}: {e})"
+    if not torch.cuda.is_available():
+        return ("no CUDA device is available (torch.cuda.is_available() is False); xformers' attention runs on "
+                "NVIDIA GPUs only")
+    if device is not None and torch.device(device).type != "cuda":
+        return (f"the model runs on device {str(device)!r}, not a CUDA device; xformers' attention runs on NVIDIA "
+                "GPUs only")
+    return None
+
+
+def require_xformers(device: torch.device | str | None = None) -> None:
+    """Raise before any heavy work when ``--enable_xformers_memory_efficient_attention`` cannot be honoured.
+
+    Raises:
+        ValueError: naming the flag, the reason, and that torch SDPA (the default) needs no flag.
+    """
+    reason = xformers_unavailable_reason(device)
+    if reason is not None:
+        raise ValueError(xformers_error_message(reason))
+
+
+def xformers_error_message(reason: str) -> str:
+    return (f"{XFORMERS_FLAG} is set but xformers cannot run here: {reason}. Without the flag attention uses "
+            "torch's scaled_dot_product_attention (SDPA), the default, which is already memory-efficient on GPUs; "
+            "drop the flag to use it")
+
 
 def pipeline_class_name(path: str | Path) -> str:
     """The ``_class_name`` in a local diffusers directory's ``model_index.json``.

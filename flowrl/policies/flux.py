@@ -92,22 +92,28 @@ class FluxPolicy(SD3Policy):
         self._text_ids: Tensor | None = None
 
     # ------------------------------------------------------------------------------------------------ the interface
-    def _encode(self, prompts: list[str]) -> Cond:
+    def _encode_batch(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """The stock ``pipe.encode_prompt``: T5 embeds [N, L, D], CLIP pooled [N, P] (``text_ids`` are zeros [L, 3],
+        rebuilt in :meth:`_ids`)."""
         pe, pooled, text_ids = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=prompts, device=self.device, max_sequence_length=self.max_sequence_length
         )
         self._text_ids = text_ids
-        if self.true_cfg_scale <= 1.0:
+        return pe, pooled
+
+    def _encode(self, prompts: list[str]) -> Cond:
+        pe, pooled = self.text.encode(prompts)
+        if not self.uses_negative_prompt():
             return Cond(pe, pooled)
         if self._neg is None:
-            neg = [self.negative_prompt]
-            ne, npooled, _ = self.pipe.encode_prompt(
-                prompt=neg, prompt_2=neg, device=self.device, max_sequence_length=self.max_sequence_length
-            )
-            self._neg = (ne, npooled)
+            self._neg = self.text.encode([self.negative_prompt])
         ne, npooled = self._neg
         n = len(prompts)
         return Cond(pe, pooled, ne.expand(n, -1, -1), npooled.expand(n, -1))
+
+    def uses_negative_prompt(self) -> bool:
+        """Whether conditioning includes the negative prompt (Flux: only with true CFG, ``true_cfg_scale > 1``)."""
+        return self.true_cfg_scale > 1.0
 
     default_guidance = 3.5
     """Guidance-embedding value when nothing else gives one (FLUX.1-dev)."""

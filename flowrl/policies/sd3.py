@@ -5,6 +5,10 @@ Follows the stock pipeline exactly where it matters for reproducibility: prompt 
 scheduler's own sigmas, and decoding ``vae.decode(x / scaling + shift)`` then ``x / 2 + 0.5`` clamped to [0, 1].
 LoRA is a peft adapter on the transformer (diffusers' ``add_adapter``); the reference policy is the same transformer
 with the adapter disabled. The exported LoRA loads into a stock pipeline with ``pipe.load_lora_weights(dir)``.
+
+Memory options (constructor): xformers attention (checked before anything loads or moves), text encoders offloaded
+to the CPU with a per-prompt embedding cache, and :meth:`SD3Policy.precompute_prompt_embeds`, which encodes a fixed
+prompt list once and frees the text encoders; the encoding side lives in :mod:`flowrl.policies.text_encoding`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .base import Cond
+from .base import Cond, require_xformers
+from .text_encoding import PromptEncoder
 
 SD3_LORA_TARGETS = (
     "attn.to_q",
@@ -50,7 +55,21 @@ class SD3Policy:
         device: torch.device | str = "cpu",
         gradient_checkpointing: bool = False,
         need_reference: bool = False,
+        enable_xformers_memory_efficient_attention: bool = False,
+        text_encoder_offload: bool = False,
+        prompt_embeds_cache_size: int = 1024,
     ) -> None:
+        """Wrap ``pipe``; see the module docstring.
+
+        Memory options (all off by default):
+            enable_xformers_memory_efficient_attention: the transformer's (and reference copy's) attention through
+                xformers; checked first, so a machine that cannot run it fails before anything moves.
+            text_encoder_offload: text encoders stay on the CPU, on ``device`` only while encoding; prompt
+                embeddings are cached per prompt (:mod:`flowrl.policies.text_encoding`).
+            prompt_embeds_cache_size: LRU entries of that cache (0 = re-encode every call).
+        """
+        if enable_xformers_memory_efficient_attention:
+            require_xformers(device)
         self.pipe = pipe
         self.device = torch.device(device)
         self.weight_dtype = weight_dtype
@@ -61,7 +80,10 @@ class SD3Policy:
             m = getattr(pipe, name, None)
             if m is not None:
                 m.requires_grad_(False).eval()
-                m.to(self.device, dtype=torch.float32 if name == "vae" else weight_dtype)  # VAE in fp32
+                where = "cpu" if (text_encoder_offload and name != "vae") else self.device
+                m.to(where, dtype=torch.float32 if name == "vae" else weight_dtype)  # VAE in fp32
+        self.text = PromptEncoder(pipe, self._encode_batch, self.device, offload=text_encoder_offload,
+                                  cache_size=prompt_embeds_cache_size)
         self.transformer.eval()  # no dropout: sampling and training must see the same function
         self.full_finetune = lora_rank is None
         self._ref_model = None
@@ -86,6 +108,10 @@ class SD3Policy:
                     p.data = p.data.float()
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
+        if enable_xformers_memory_efficient_attention:  # as diffusers' training scripts do, on every copy
+            for m in (self.transformer, self._ref_model):
+                if m is not None:
+                    m.enable_xformers_memory_efficient_attention()
         self._neg: tuple[Tensor, Tensor] | None = None
 
     # ------------------------------------------------------------------------------------------------ loading
@@ -99,7 +125,14 @@ class SD3Policy:
         cache_dir: str | None = None,
         **kwargs,
     ) -> "SD3Policy":
-        """Load the family's diffusers pipeline (``pipeline_class_name``) by hub id or path, then wrap it."""
+        """Load the family's diffusers pipeline (``pipeline_class_name``) by hub id or path, then wrap it.
+
+        Raises:
+            ValueError: before loading anything, when ``enable_xformers_memory_efficient_attention`` is asked for
+                and xformers cannot run on ``device``.
+        """
+        if kwargs.get("enable_xformers_memory_efficient_attention"):
+            require_xformers(kwargs.get("device", "cpu"))
         pipe = cls._pipeline_class().from_pretrained(path, revision=revision, variant=variant, cache_dir=cache_dir)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, **kwargs)
@@ -108,16 +141,11 @@ class SD3Policy:
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Cond:
         """Prompt (and negative prompt) embeddings, one row per prompt: embeds [N, L, D], pooled [N, P]."""
-        from diffusers.utils import logging as dlogging
-
-        level = dlogging.get_verbosity()
-        dlogging.set_verbosity_error()  # a short T5 slot makes the pipeline warn about truncation on every call
-        try:
+        with _quiet_diffusers():  # a short T5 slot makes the pipeline warn about truncation on every call
             return self._encode(prompts)
-        finally:
-            dlogging.set_verbosity(level)
 
-    def _encode(self, prompts: list[str]) -> Cond:
+    def _encode_batch(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """The stock ``pipe.encode_prompt`` (no CFG): embeds [N, L, D], pooled [N, P] (encoders on the device)."""
         pe, _, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts,
             prompt_2=prompts,
@@ -126,16 +154,35 @@ class SD3Policy:
             do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
+        return pe, pooled
+
+    def _encode(self, prompts: list[str]) -> Cond:
+        pe, pooled = self.text.encode(prompts)
         if self._neg is None:
-            neg = [self.negative_prompt]
-            ne, _, npooled, _ = self.pipe.encode_prompt(
-                prompt=neg, prompt_2=neg, prompt_3=neg, device=self.device, do_classifier_free_guidance=False,
-                max_sequence_length=self.max_sequence_length,
-            )
-            self._neg = (ne, npooled)
+            self._neg = self.text.encode([self.negative_prompt])
         ne, npooled = self._neg
         n = len(prompts)
         return Cond(pe, pooled, ne.expand(n, -1, -1), npooled.expand(n, -1))
+
+    def uses_negative_prompt(self) -> bool:
+        """Whether conditioning includes the negative prompt (SD3: always, for CFG)."""
+        return True
+
+    @torch.no_grad()
+    def precompute_prompt_embeds(self, prompts: list[str]) -> int:
+        """Encode ``prompts`` (and the negative prompt) once, then delete the text encoders from the pipeline.
+
+        Afterwards :meth:`encode` serves only these prompts (rows bitwise equal to encoding each prompt alone) and
+        raises :class:`~flowrl.policies.text_encoding.PromptNotPrecomputedError` for any other.
+
+        Returns:
+            the number of distinct prompts stored.
+        """
+        extra = [self.negative_prompt] if self.uses_negative_prompt() else []
+        with _quiet_diffusers():
+            n = self.text.precompute([*prompts, *extra])
+        self.text.free_encoders()
+        return n
 
     def _forward(self, model, x: Tensor, t: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
         return model(
@@ -263,6 +310,19 @@ class SD3Policy:
         unexpected = getattr(res, "unexpected_keys", [])
         if unexpected:
             raise ValueError(f"LoRA in {str(lora_dir)!r} does not match this model: unexpected keys {unexpected[:4]}")
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """diffusers logging at error level inside the context (restored after)."""
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(level)
 
 
 def read_model_defaults(path: str | Path) -> dict:
