@@ -350,11 +350,17 @@ def _policy_with_lora(path: str, lora_dir: str, defaults: dict):
     with safe_open(str(f), "pt") as sf:
         meta = sf.metadata() or {}
         keys = list(sf.keys())
-    cfg = _json.loads(meta.get("transformer_lora_adapter_metadata", "{}") or "{}")
+    # diffusers writes the adapter config as "lora_adapter_metadata", its keys prefixed with the component name
+    packed = _json.loads(meta.get("lora_adapter_metadata", "{}") or "{}")
+    cfg = {k.removeprefix("transformer."): v for k, v in packed.items() if k.startswith("transformer.")}
+    cfg = cfg or _json.loads(meta.get("transformer_lora_adapter_metadata", "{}") or "{}")
     rank = cfg.get("r") or _first_rank(f, keys)
     targets = cfg.get("target_modules") or sorted({k.split(".lora_A")[0].split(".", 3)[-1] for k in keys if "lora_A" in k})
+    # per-layer ranks / bias deltas (a LoRA extracted from a full fine-tune): build the adapter from the metadata
+    keep = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "lora_bias")
+    lora_config = ({k: cfg[k] for k in keep if k in cfg} if cfg.get("rank_pattern") or cfg.get("lora_bias") else None)
     policy = load_policy(path, lora_rank=int(rank), lora_alpha=cfg.get("lora_alpha"), lora_targets=list(targets),
-                         max_sequence_length=defaults.get("max_sequence_length", 256))
+                         lora_config=lora_config, max_sequence_length=defaults.get("max_sequence_length", 256))
     policy.load_lora(lora_dir)
     return policy
 

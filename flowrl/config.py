@@ -47,6 +47,9 @@ class ModelConfig:
     """Modules that get LoRA; None = the family preset (SD3: attention projections of both streams)."""
     lora_on_ff: bool = True
     """Add the feed-forward layers to the preset targets."""
+    lora_export_rank: int | None = None
+    """Full fine-tuning (``rank: 0``): rank of the LoRA extracted from the weight deltas by SVD and written as
+    ``pytorch_lora_weights.safetensors`` beside ``transformer/``; None = exact (each layer's full rank)."""
     enable_xformers_memory_efficient_attention: bool = False
     """Transformer attention through xformers (``pip install -e '.[xformers]'``, CUDA only; checked before loading).
     Off = torch's scaled_dot_product_attention (SDPA), the default and already memory-efficient on GPUs."""
@@ -597,6 +600,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(o.gradient_accumulation_steps is None or o.gradient_accumulation_steps >= 1,
          f"gradient_accumulation_steps must be >= 1 or null, got {o.gradient_accumulation_steps}")
     need(m.rank >= 0, f"rank must be >= 0 (0 = full fine-tuning), got {m.rank}")
+    need(m.lora_export_rank is None or m.lora_export_rank >= 1,
+         f"lora_export_rank must be >= 1 or null (exact), got {m.lora_export_rank}")
     need(m.prompt_embeds_cache_size >= 0,
          f"prompt_embeds_cache_size must be >= 0 (0 = no cache), got {m.prompt_embeds_cache_size}")
     if m.enable_xformers_memory_efficient_attention and cfg.modality == "image":  # before any model is loaded

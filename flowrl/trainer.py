@@ -136,6 +136,7 @@ class Trainer:
             enable_xformers_memory_efficient_attention=cfg.model.enable_xformers_memory_efficient_attention,
             text_encoder_offload=cfg.model.text_encoder_offload or cfg.model.precompute_prompt_embeds,
             prompt_embeds_cache_size=cfg.model.prompt_embeds_cache_size,
+            lora_export_rank=cfg.model.lora_export_rank,
         )
         if self.guidance is None:
             self.guidance = getattr(self.policy, "default_guidance", 4.5)

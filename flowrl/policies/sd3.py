@@ -58,8 +58,18 @@ class SD3Policy:
         enable_xformers_memory_efficient_attention: bool = False,
         text_encoder_offload: bool = False,
         prompt_embeds_cache_size: int = 1024,
+        lora_config: dict | None = None,
+        lora_export_rank: int | None = None,
+        base_weights_from: dict | None = None,
     ) -> None:
         """Wrap ``pipe``; see the module docstring.
+
+        Adapter: ``lora_rank=None`` = full fine-tuning, else LoRA of that rank / alpha on ``lora_targets``;
+        ``lora_config`` (``LoraConfig`` kwargs, e.g. a saved file's adapter metadata with per-layer ``rank_pattern``)
+        replaces rank / alpha / targets. ``lora_export_rank``: rank of the LoRA that :meth:`save_lora` extracts from a
+        full fine-tune (None = exact); its base weights are reloaded with ``from_pretrained(**base_weights_from,
+        subfolder="transformer")`` at export when given (what :meth:`from_pretrained` passes), else copied to the CPU
+        here.
 
         Memory options (all off by default):
             enable_xformers_memory_efficient_attention: the transformer's (and reference copy's) attention through
@@ -85,9 +95,14 @@ class SD3Policy:
         self.text = PromptEncoder(pipe, self._encode_batch, self.device, offload=text_encoder_offload,
                                   cache_size=prompt_embeds_cache_size)
         self.transformer.eval()  # no dropout: sampling and training must see the same function
-        self.full_finetune = lora_rank is None
+        self.full_finetune = lora_rank is None and lora_config is None
+        self.lora_export_rank = lora_export_rank
         self._ref_model = None
+        self._base_state: dict[str, Tensor] | None = None
+        self._base_from = base_weights_from
         if self.full_finetune:
+            if base_weights_from is None:  # the base weights on the CPU, so save_lora can export the delta as a LoRA
+                self._base_state = {k: v.detach().to("cpu", copy=True) for k, v in self.transformer.state_dict().items()}
             self.transformer.requires_grad_(True).to(self.device, dtype=torch.float32)
             if need_reference:
                 self._ref_model = copy.deepcopy(self.transformer).requires_grad_(False).to(dtype=weight_dtype)
@@ -95,14 +110,13 @@ class SD3Policy:
             from peft import LoraConfig
 
             self.transformer.requires_grad_(False).to(self.device, dtype=weight_dtype)
-            self.transformer.add_adapter(
-                LoraConfig(
-                    r=lora_rank,
-                    lora_alpha=lora_alpha if lora_alpha is not None else lora_rank,
-                    init_lora_weights="gaussian",
-                    target_modules=list(lora_targets),
-                )
+            kwargs = dict(lora_config) if lora_config is not None else dict(
+                r=lora_rank,
+                lora_alpha=lora_alpha if lora_alpha is not None else lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=list(lora_targets),
             )
+            self.transformer.add_adapter(LoraConfig(**kwargs))
             for p in self.transformer.parameters():  # LoRA weights train in fp32 whatever the base dtype
                 if p.requires_grad:
                     p.data = p.data.float()
@@ -135,7 +149,8 @@ class SD3Policy:
             require_xformers(kwargs.get("device", "cpu"))
         pipe = cls._pipeline_class().from_pretrained(path, revision=revision, variant=variant, cache_dir=cache_dir)
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, **kwargs)
+        source = {"pretrained_model_name_or_path": path, "revision": revision, "variant": variant, "cache_dir": cache_dir}
+        return cls(pipe, base_weights_from=source, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ the interface
     @torch.no_grad()
@@ -283,21 +298,35 @@ class SD3Policy:
 
     def save_lora(self, output_dir: str | Path) -> Path:
         """Write ``pytorch_lora_weights.safetensors`` with ``<Pipeline>.save_lora_weights`` (keys ``transformer.*``,
-        adapter metadata included so ``load_lora_weights`` restores alpha). Full fine-tunes save the transformer in
-        diffusers format instead."""
+        adapter metadata included so ``load_lora_weights`` restores alpha and per-layer ranks).
+
+        Full fine-tunes write the transformer in diffusers format (``transformer/``) and, beside it, the LoRA of the
+        weight deltas (:func:`flowrl.lora_export.extract_lora`; exact unless ``lora_export_rank`` is set)."""
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         if self.full_finetune:
-            self.transformer.save_pretrained(out / "transformer")
-            return out / "transformer"
-        from peft.utils import get_peft_model_state_dict
+            from ..lora_export import extract_lora
 
+            self.transformer.save_pretrained(out / "transformer")
+            layers, config = extract_lora(self._base_weights(), self.transformer, self.lora_export_rank)
+            metadata = config
+        else:
+            from peft.utils import get_peft_model_state_dict
+
+            layers = get_peft_model_state_dict(self.transformer)
+            metadata = self.transformer.peft_config["default"].to_dict()
         self._pipeline_class().save_lora_weights(
-            out,
-            transformer_lora_layers=get_peft_model_state_dict(self.transformer),
-            transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
+            out, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
         )
         return out / "pytorch_lora_weights.safetensors"
+
+    def _base_weights(self) -> dict[str, Tensor]:
+        """The transformer's weights before fine-tuning (CPU), for the LoRA export of a full fine-tune."""
+        if self._base_state is not None:
+            return self._base_state
+        with _quiet_diffusers():
+            base = type(self.transformer).from_pretrained(**self._base_from, subfolder="transformer")
+        return base.state_dict()
 
     def load_lora(self, lora_dir: str | Path) -> None:
         """Load weights written by :meth:`save_lora` into this policy's adapter."""
