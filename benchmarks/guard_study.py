@@ -36,9 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import statistics
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -85,7 +83,7 @@ class GoldMetrics:
         }
 
 
-def _gold_trainer(cfg):
+def _gold_trainer_class():
     """A :class:`~flowrl.trainer.Trainer` whose evaluations also score the gold metrics (training does not)."""
     from flowrl.trainer import Trainer
 
@@ -98,7 +96,11 @@ def _gold_trainer(cfg):
             finally:
                 self.rewards = trained_on
 
-    return GoldTrainer(cfg)
+    return GoldTrainer
+
+
+def _gold_trainer(cfg):
+    return _gold_trainer_class()(cfg)
 
 
 # ------------------------------------------------------------------------------------------------------ analysis
@@ -243,46 +245,36 @@ def _label(name: str) -> str:  # the trainer's metric prefix of an eval set
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
+    from benchmarks.common import make_config, run_argv, set_threads_default, split_list, train_run
 
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    set_threads_default()
     args, extra = _parser().parse_known_args(argv)
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    methods = [m for m in args.methods.split(",") if m]
+    seeds = [int(s) for s in split_list(args.seeds)]
+    methods = split_list(args.methods)
     every = args.eval_every or max(1, args.steps // 10)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from flowrl.cli import build_config, preflight
     from flowrl.config import ConfigError
 
     runs = {}
     try:
         for m in methods:
             for seed in seeds:
-                run_argv = [
-                    "--algorithm", m, "--pretrained_model_name_or_path", args.model,
-                    "--output_dir", str(out / m / f"seed{seed}"), "--max_train_steps", str(args.steps),
-                    "--seed", str(seed), "--eval_steps", str(every), "--eval_sets", args.gold_set,
-                    "--checkpointing_steps", "0", "--report_to", "none", "--reward", args.proxy, *extra,
-                ]
-                cfg = build_config(run_argv)
-                preflight(cfg)
-                runs[(m, seed)] = (cfg, run_argv)
+                argv_ = run_argv(m, out / m / f"seed{seed}", steps=args.steps, model=args.model,
+                                 num_inference_steps=None, seed=seed, eval_steps=every,
+                                 extra=["--eval_sets", args.gold_set, "--reward", args.proxy, *extra])
+                runs[(m, seed)] = (make_config(argv_), argv_)
     except ConfigError as e:
         raise SystemExit(f"benchmarks.guard_study: {e}") from None
     label = _label(args.gold_set)
     curves: dict[str, dict[str, list[dict]]] = {m: {} for m in methods}
     walls: dict[str, dict[str, float]] = {m: {} for m in methods}
-    for (m, seed), (cfg, run_argv) in runs.items():
+    for (m, seed), (cfg, argv_) in runs.items():
         print(f"[benchmarks.guard_study] training {m} seed {seed} for {args.steps} iterations", flush=True)
-        run_out = Path(cfg.output_dir)
-        shutil.rmtree(run_out, ignore_errors=True)
-        t0 = time.time()
-        _gold_trainer(cfg).train()
-        walls[m][str(seed)] = time.time() - t0
-        recs = [json.loads(line) for line in (run_out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        recs, info = train_run(argv_, cfg=cfg, trainer_base=_gold_trainer_class())
+        walls[m][str(seed)] = info["wall_s"]
         curves[m][str(seed)] = _curve(recs, label, args.proxy)
     all_curves = [c for per in curves.values() for c in per.values() if c]
     target = min(max(p["proxy"] for p in c) - c[0]["proxy"] for c in all_curves) if all_curves else math.nan

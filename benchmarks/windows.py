@@ -14,18 +14,21 @@ iterations, with an evaluation before training and after the last iteration. Wri
   total), and each gain's difference to the baseline's.
 
 Flags not listed here go to every training run unchanged (e.g. ``--prompts_per_step 2 --group_size 4``); the runs
-differ only in ``--algorithm``. Reruns overwrite ``--out/<preset>``.
+differ only in ``--algorithm`` (and ``--preset_args "NAME: FLAGS"``, repeatable, which adds flags to one preset).
+Reruns overwrite ``--out/<preset>``. The run setup is shared with the suite (``benchmarks.common``); the suite
+(``python -m benchmarks``) runs this comparison for every preset and several seeds.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import shutil
-import statistics
-import time
 from pathlib import Path
+
+from benchmarks.common import (
+    add_run_args, make_config, parse_preset_args, ratio, run_argv, set_threads_default, split_list, summarize,
+    train_run, write_json,
+)
 
 DEFAULT_PRESETS = ("flow_grpo", "mixgrpo", "mixgrpo_flash")
 
@@ -37,74 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--presets", default=",".join(DEFAULT_PRESETS), help="comma-separated presets; first = fallback baseline")
     ap.add_argument("--baseline", default="flow_grpo", help="preset the ratios and gains are relative to")
-    ap.add_argument("--model", default="embedded", help="--pretrained_model_name_or_path of every run")
-    ap.add_argument("--num_inference_steps", type=int, default=10, help="T")
     ap.add_argument("--window_size", type=int, default=4, help="w")
-    ap.add_argument("--seed", type=int, default=0)
-    return ap
+    return add_run_args(ap)
 
 
-def _config(name: str, args: argparse.Namespace, extra: list[str]):
-    """The validated, preflighted config of one run (all are built before any training starts)."""
-    from flowrl.cli import build_config, preflight
-
-    argv = [
-        "--algorithm", name, "--pretrained_model_name_or_path", args.model,
-        "--output_dir", str(Path(args.out) / name), "--max_train_steps", str(args.steps),
-        "--num_inference_steps", str(args.num_inference_steps), "--window_size", str(args.window_size),
-        "--seed", str(args.seed), "--eval_steps", str(args.steps), "--checkpointing_steps", "0",
-        "--report_to", "none", *extra,
-    ]
-    cfg = build_config(argv)
-    preflight(cfg)
-    return cfg, argv
-
-
-def _run(cfg, argv: list[str]) -> tuple[list[dict], dict]:
-    from flowrl.trainer import Trainer
-
-    out = Path(cfg.output_dir)
-    shutil.rmtree(out, ignore_errors=True)
-    t0 = time.time()
-    Trainer(cfg).train()
-    wall = time.time() - t0
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return recs, {"argv": argv, "wall_s": wall, "rewards": dict(cfg.rewards)}
-
-
-def _summarize(recs: list[dict], info: dict) -> dict:
-    its = [r for r in recs if r["step"] >= 1 and "time/sampling_s" in r]
-    timed = its[1:] if len(its) > 1 else its
-    mean = lambda key: statistics.fmean(r[key] for r in timed)  # noqa: E731
-    first = next(r for r in recs if r["step"] == 0)
-    last = recs[-1]
-    gains: dict[str, float] = {}
-    for split in ("eval", "heldout"):
-        total0 = total1 = 0.0
-        have = False
-        for rname, w in info["rewards"].items():
-            k = f"{split}/reward/{rname}"
-            if k in first and k in last:
-                gains[f"{split}/{rname}"] = last[k] - first[k]
-                total0, total1, have = total0 + w * first[k], total1 + w * last[k], True
-        if have:
-            gains[f"{split}/total"] = total1 - total0
-    return {
-        "iterations": len(its),
-        "timed_iterations": len(timed),
-        "time_per_iter_s": mean("time/sampling_s") + mean("time/training_s"),
-        "sampling_s": mean("time/sampling_s"),
-        "training_s": mean("time/training_s"),
-        "nfe_sampling": mean("nfe/sampling"),
-        "nfe_training": mean("nfe/training"),
-        "train_reward_first": its[0]["reward/mean"] if its else math.nan,
-        "train_reward_last": its[-1]["reward/mean"] if its else math.nan,
-        "reward_initial": {k: v for k, v in first.items() if "/reward/" in k},
-        "reward_final": {k: v for k, v in last.items() if "/reward/" in k},
-        "gains": gains,
-        "wall_s": info["wall_s"],
-        "argv": info["argv"],
-    }
+def _argv(name: str, args: argparse.Namespace, extra: list[str], own: list[str]) -> list[str]:
+    return run_argv(name, Path(args.out) / name, steps=args.steps, model=args.model,
+                    num_inference_steps=args.num_inference_steps, seed=args.seed, eval_steps=args.steps,
+                    extra=["--window_size", str(args.window_size), *extra, *own])
 
 
 def _markdown(result: dict) -> str:
@@ -135,27 +78,25 @@ def _markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    set_threads_default()
     args, extra = _parser().parse_known_args(argv)
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
-    presets = [p for p in args.presets.split(",") if p]
+    presets = split_list(args.presets)
     baseline = args.baseline if args.baseline in presets else presets[0]
+    own = parse_preset_args(args.preset_args, presets)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     from flowrl.config import ConfigError
 
-    try:
-        configs = {name: _config(name, args, extra) for name in presets}
+    try:  # every config is checked before anything trains
+        configs = {name: (make_config(a), a) for name in presets for a in [_argv(name, args, extra, own.get(name, []))]}
     except ConfigError as e:
         raise SystemExit(f"benchmarks.windows: {e}") from None
     rows: dict[str, dict] = {}
-    for name, (cfg, run_argv) in configs.items():
+    for name, (cfg, run_argv_) in configs.items():
         print(f"[benchmarks.windows] training {name} for {args.steps} iterations", flush=True)
-        rows[name] = _summarize(*_run(cfg, run_argv))
+        rows[name] = summarize(*train_run(run_argv_, cfg=cfg))
     b = rows[baseline]
-    ratio = lambda a, c: a / c if c else math.nan  # noqa: E731
     for s in rows.values():
         s["time_ratio"] = ratio(s["time_per_iter_s"], b["time_per_iter_s"])
         s["sampling_ratio"] = ratio(s["sampling_s"], b["sampling_s"])
@@ -165,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     gain_keys = sorted({k for s in rows.values() for k in s["gains"] if k.endswith("/total")})
     result = {
         "steps": args.steps, "num_inference_steps": args.num_inference_steps, "window_size": args.window_size,
-        "model": args.model, "seed": args.seed, "baseline": baseline, "extra_flags": extra, "gain_keys": gain_keys,
-        "presets": rows,
+        "model": args.model, "seed": args.seed, "baseline": baseline, "extra_flags": extra, "preset_flags": own,
+        "gain_keys": gain_keys, "presets": rows,
     }
     out = Path(args.out)
-    (out / "windows.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "windows.json", result)
     (out / "windows.md").write_text(_markdown(result), encoding="utf-8")
     print(_markdown(result))
     return 0

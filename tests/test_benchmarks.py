@@ -1,0 +1,65 @@
+"""The benchmark suite end to end in a tiny mode, and the bit-exactness of the batched noise it motivated."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import save_tiny_sd3
+
+
+def test_batched_noise_is_bit_identical_to_per_sample_noise():
+    """flowrl.seeding.gaussians (one vectorised seed derivation, one re-seeded generator) == stacking gaussian(),
+    which is == the original fresh-generator-per-sample draw; small shapes (torch's cached-normal path) included."""
+    from flowrl.seeding import derive_seed, derive_seeds, gaussian, gaussians
+
+    rng = np.random.default_rng(0)
+    for k in (1, 2, 3, 4, 6):
+        rows = rng.integers(-(2**40), 2**40, size=(200, k)).tolist() + [[0] * k, [-1] * k, [2**32 - 1] * k]
+        assert derive_seeds(rows).tolist() == [derive_seed(*r) for r in rows]
+    for shape in [(3, 8, 8), (5,), (16,), (2, 3)]:
+        rows = [(7, 3, i, j) for i in range(5) for j in (-1, 0, 2)]
+        fresh = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(*r))) for r in rows])
+        assert torch.equal(gaussians(shape, rows), fresh)
+        assert torch.equal(torch.stack([gaussian(shape, *r) for r in rows]), fresh)
+    assert gaussians((2, 2), []).shape == (0, 2, 2)
+
+
+@pytest.mark.slow
+def test_suite_tiny_mode_writes_results_report_and_plots(tmp_path):
+    from benchmarks.suite import main
+
+    model = save_tiny_sd3(tmp_path / "tiny-sd3")
+    out = tmp_path / "bench"
+    rc = main([
+        "--output_dir", str(out), "--model", str(model), "--presets", "flow_grpo", "--seeds", "0",
+        "--max_train_steps", "1", "--eval_prompts", "2", "--eval_images_per_prompt", "1", "--overhead_reps", "1",
+        "--sweep_T", "3", "--sweep_G", "", "--sweep_resolution", "8", "--sweep_reps", "1", "--no_profile",
+        "--num_inference_steps", "3",
+        # flowrl train flags of every run and probe
+        "--prompts_per_step", "2", "--group_size", "2", "--sample_batch_size", "4", "--rank", "4",
+    ])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    for key in ("overhead_ratio", "overhead_ratio/sampling", "overhead_ratio/training", "memory_ratio",
+                "time_ratio/flow_grpo", "final/equal_iterations/eval/flow_grpo",
+                "final/equal_time/heldout/flow_grpo", "nfe_sampling/flow_grpo", "scaling/resolution=8/peak_mb"):
+        assert key in res and isinstance(res[key], (int, float)) and math.isfinite(res[key]), key
+    assert res["time_ratio/flow_grpo"] == 1.0
+    assert res["overhead_ratio"] > 0 and res["memory_ratio"] > 0
+    # the replayed bare work covers exactly the trainer's NFE (2 prompts x 2 samples x 3 steps x CFG 2 = 24)
+    o = res["details"]["overhead"]
+    assert o["bare_nfe_sampling"] == o["trainer_nfe_sampling"] == 24
+    assert o["bare_nfe_training"] == o["trainer_nfe_training"]
+    assert res["machine"]["torch"] == torch.__version__ and res["machine"]["cores"]
+    report = (out / "report.md").read_text()
+    assert res["machine"]["cpu"] in report and "overhead_ratio" in report and "memory_ratio" in report
+    for png in ("curves_iterations.png", "curves_time.png", "cost.png", "overhead.png", "scaling.png"):
+        assert (out / png).stat().st_size > 1000, png
+    assert (out / "runs" / "flow_grpo" / "seed0" / "iterations" / "metrics.jsonl").is_file()
+    assert Path(out / "report.md").read_text().count("![") >= 4
