@@ -2,7 +2,8 @@
 
 ``checkpoint-{step}/`` holds ``accelerator.save_state`` output plus ``flowrl_state.json`` (step counters, config,
 anything the recipe adds). It is written into ``.tmp-checkpoint-{step}`` and renamed only when complete, so a crash
-mid-save leaves the previous checkpoint as the latest usable one.
+mid-save leaves the previous checkpoint as the latest usable one. A save that fails (disk full, ...) removes its
+temporary directory and raises, naming the checkpoint that remains the latest.
 """
 
 from __future__ import annotations
@@ -29,25 +30,45 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 def save_checkpoint(
     accelerator, output_dir: Path, step: int, state: dict, total_limit: int | None,
-    extra: Callable[[Path], None] | None = None,
+    extra: Callable[[Path], None] | None = None, per_process: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Save ``checkpoint-{step}`` atomically; ``extra(tmp_dir)`` writes recipe-specific files on the main process."""
+    """Save ``checkpoint-{step}`` atomically; ``extra(tmp_dir)`` writes recipe-specific files on the main process,
+    ``per_process(tmp_dir)`` on every process (state sharded over processes, e.g. FSDP's EMA shards).
+
+    When writing fails (e.g. disk full) the temporary directory is removed, no ``checkpoint-{step}`` appears, older
+    checkpoints are untouched (they are pruned only after the new one is complete), and the error is raised again
+    naming the checkpoint that stays the latest: ``OSError`` with the same errno, else ``RuntimeError``.
+    """
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = output_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        if extra is not None:
-            extra(tmp)
-        (tmp / "flowrl_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if total_limit:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+    try:
+        accelerator.save_state(str(tmp))
+        if per_process is not None:
+            per_process(tmp)
+            accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if extra is not None:
+                extra(tmp)
+            (tmp / "flowrl_state.json").write_text(json.dumps(state, indent=2) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except Exception as e:  # disk full surfaces as OSError, safetensors' SafetensorError or torch.save's RuntimeError
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = list_checkpoints(output_dir)
+        kept = f"{latest[-1].name} is intact and stays the latest" if latest else "no earlier checkpoint exists"
+        reason = (e.strerror or str(e)) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        msg = f"saving {final.name} in {str(output_dir)!r} failed ({reason}); its partial files were removed, {kept}"
+        if isinstance(e, OSError):
+            raise OSError(e.errno, msg) from e
+        raise RuntimeError(msg) from e
+    if accelerator.is_main_process and total_limit:
+        for old in list_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 

@@ -83,6 +83,7 @@ from .checkpoint import find_checkpoint, save_checkpoint, truncate_metrics
 from .config import ConfigError, TrainConfig, to_dict
 from .objectives import kl_k3, kl_weight_schedule
 from .policies.text import LLAMA_LORA_TARGETS, TextPolicy, TextRollout, build_char_tokenizer, build_tiny_lm
+from .seeding import derive_seed
 from .text_objectives import (
     d3s_token_mask,
     dcpo_clip_bounds,
@@ -93,6 +94,15 @@ from .text_objectives import (
     masked_row_mean,
     overlong_penalty,
     text_policy_loss,
+)
+from .trainer import (
+    backward,
+    clip_parameters,
+    configure_for_wrapper,
+    deepspeed_step,
+    finite_everywhere,
+    trainable_state_dict,
+    unwrap_prepared,
 )
 
 IMAGE_DEFAULT_REWARDS = {"scenes": 1.0}
@@ -270,13 +280,17 @@ class TextTrainer:
         self.lr_scheduler = get_scheduler(o.lr_scheduler, self.optimizer,
                                           num_warmup_steps=o.lr_warmup_steps * updates_per_step,
                                           num_training_steps=cfg.max_train_steps * updates_per_step)
+        names = list(self.policy.trainable_state_dict())
+        configure_for_wrapper(self.accelerator, cfg, self.policy.model, text=True)  # DeepSpeed settings; FSDP: error
         model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
             self.policy.model, self.optimizer, self.lr_scheduler
         )
         # Multi-process: the policy keeps the bare module (peft attributes and disable_adapter, un-prefixed parameter
-        # names, save_pretrained) and optimizer_step averages the trainable gradients itself, once per update.
-        self._average_grads = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        self.policy.model = model.module if self._average_grads else model
+        # names, save_pretrained); under DDP optimizer_step averages the trainable gradients itself, once per update,
+        # under DeepSpeed ZeRO-2 the engine reduces them (flowrl.trainer.unwrap_prepared).
+        self._prepared = unwrap_prepared(self.accelerator, model, names)
+        self._average_grads = self._prepared.average_grads
+        self.policy.model = self._prepared.module
         self.setup_variants()
         self._register_checkpoint_hooks()
         self.step = 0
@@ -420,13 +434,24 @@ class TextTrainer:
         return gvm_budgets(p, self.gvm_grad[idx], total, alpha=t.gvm_alpha, beta=t.gvm_beta, n_min=t.allocation_n_min)
 
     @torch.no_grad()
-    def generate(self, problems: list[ArithmeticProblem], generator: torch.Generator) -> TextRollout:
-        """Completions for ``problems`` in micro-batches of ``sample_batch_size`` (sampling temperature / top-p)."""
+    def generate(self, problems: list[ArithmeticProblem], step: int, round_: int) -> TextRollout:
+        """Completions for this process's ``problems`` in micro-batches of ``sample_batch_size`` (sampling
+        temperature / top-p).
+
+        Each micro-batch samples with its own generator, seeded by (seed, step, round, global index of its first
+        completion): the randomness follows a completion's global position, never the process layout. Process r holds
+        global rows ``[r * n, (r + 1) * n)``, so with ``prompts_per_step * group_size`` a multiple of
+        ``sample_batch_size`` the micro-batches of N processes are exactly those of one process with N times the
+        prompts: same rows, same seeds, same completions.
+        """
         t, bs = self.cfg.text, self.cfg.grpo.sample_batch_size
         prompts = self.policy.format_prompts([prompt_text(self.cfg, p) for p in problems])
-        parts = [self.policy.generate(prompts[i:i + bs], max_new_tokens=t.max_new_tokens, temperature=t.temperature,
-                                      top_p=t.top_p, generator=generator, score=False)
-                 for i in range(0, len(prompts), bs)]
+        first = self.rank * len(prompts)  # global index of this process's first row (equal rows per process)
+        parts = []
+        for i in range(0, len(prompts), bs):
+            gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.cfg.seed, step, round_, first + i))
+            parts.append(self.policy.generate(prompts[i:i + bs], max_new_tokens=t.max_new_tokens,
+                                              temperature=t.temperature, top_p=t.top_p, generator=gen, score=False))
         return TextRollout.cat(parts)
 
     def score(self, problems: list[ArithmeticProblem], rollout: TextRollout) -> dict[str, Tensor]:
@@ -448,8 +473,6 @@ class TextTrainer:
     def sample_and_score(self, step: int) -> tuple[TextBatch, float]:
         cfg, g, t = self.cfg, self.cfg.grpo, self.cfg.text
         t0 = time.time()
-        gen = torch.Generator(device=self.device).manual_seed(int(np.random.SeedSequence([cfg.seed, step])
-                                                                  .generate_state(1)[0]))
         weights = dict(self.reward_weights)
         if t.overlong_buffer > 0:
             weights["overlong"] = 1.0
@@ -458,7 +481,7 @@ class TextTrainer:
         for round_ in range(t.dynamic_sampling_max_rounds if t.dynamic_sampling else 1):
             rounds += 1
             problems, group_ids, prompt_idx = self.step_problems(step, round_)
-            rollout = self.generate(problems, gen)
+            rollout = self.generate(problems, step, round_)
             rewards = self.score(problems, rollout)
             sampled_groups += g.prompts_per_step
             if t.dynamic_sampling:
@@ -685,7 +708,7 @@ class TextTrainer:
                     scale = 1.0 if t.loss_type == "dapo" else 1.0 / len(win)
                     if not self.finite_or_skip(loss, b):
                         continue
-                    self.accelerator.backward(loss * scale)
+                    backward(self.accelerator, self._prepared, loss * scale)
                     st["loss"] = loss.detach()
                     for k, v in st.items():
                         if v.dim() == 0:
@@ -704,7 +727,7 @@ class TextTrainer:
     def finite_or_skip(self, loss: Tensor, micro_batch: int) -> bool:
         """True for a finite loss (resets the streak); else count it, warn, and stop the run after
         ``max_nan_skips`` in a row (as the image trainer)."""
-        if torch.isfinite(loss):
+        if finite_everywhere(loss, self._prepared):  # DeepSpeed: every process skips the same backwards
             self.nan_streak = 0
             return True
         self.nan_skips += 1
@@ -721,12 +744,15 @@ class TextTrainer:
     def optimizer_step(self) -> float:
         if self._average_grads:
             self._average_gradients()
-        gn = self.accelerator.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
+        if self._prepared.kind == "deepspeed":
+            deepspeed_step(self.accelerator, self.params)  # the engine reduces, clips and steps here
+        gn = self.accelerator.clip_grad_norm_(clip_parameters(self._prepared, self.params),
+                                              self.cfg.optim.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
-        return float(gn)
+        return float("nan") if gn is None else float(gn)
 
     def _average_gradients(self) -> None:
         """Mean of the trainable gradients over processes (one flat all-reduce; a missing gradient counts as 0)."""
@@ -807,13 +833,16 @@ class TextTrainer:
         from safetensors.torch import load_file, save_file
 
         def save_hook(models, weights, output_dir):
-            if self.accelerator.is_main_process:
-                sd = {k: v.contiguous().cpu() for k, v in self.policy.trainable_state_dict().items()}
+            sd = trainable_state_dict(self.accelerator, self._prepared, self.policy.trainable_state_dict)
+            if sd is not None:  # the main process
+                sd = {k: v.contiguous().cpu() for k, v in sd.items()}
                 save_file(sd, os.path.join(output_dir, "trainable.safetensors"))
             while weights:
                 weights.pop()
 
         def load_hook(models, input_dir):
+            if not models:  # DeepSpeed: accelerate restored the engine's model (and optimizer) itself
+                return
             sd = load_file(os.path.join(input_dir, "trainable.safetensors"))
             named = {k: p for k, p in self.policy.model.named_parameters() if p.requires_grad}
             bad = sorted(set(sd) ^ set(named)) + [k for k in sd if k in named and sd[k].shape != named[k].shape]

@@ -30,7 +30,7 @@ from samplers.rollout import Rollout, rescore, sample
 
 from .advantages import clip_advantages, group_advantages, multi_reward_advantages, variant_advantages
 from .checkpoint import find_checkpoint, save_checkpoint, truncate_metrics
-from .config import TrainConfig, to_dict
+from .config import ConfigError, TrainConfig, to_dict
 from .embedded import EMBEDDED_MODEL_DIR
 from .evaluate import atomic_write_text, generate, make_grid, save_image_atomic, score_all, summarize
 from .objectives import clipped_surrogate, guard_normalized_log_ratio, kl_to_reference, step_weights
@@ -175,14 +175,20 @@ class Trainer:
             o.lr_scheduler, self.optimizer, num_warmup_steps=o.lr_warmup_steps * updates_per_step,
             num_training_steps=cfg.max_train_steps * updates_per_step,
         )
+        names = list(self.policy.trainable_state_dict())  # un-prefixed, before any wrapper renames them
+        # FSDP / DeepSpeed checks + settings
+        configure_for_wrapper(self.accelerator, cfg, self.policy.transformer, branching=self.branching)
         model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
             self.policy.transformer, self.optimizer, self.lr_scheduler
         )
-        # Multi-process: the policy keeps the bare module (peft attributes, un-prefixed parameter names) and
-        # optimizer_step averages the trainable gradients over processes itself, once per update (DDP's own hooks
-        # stay idle since its forward is never called). Same gradient as DDP's mean over ranks.
-        self._average_grads = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        self.policy.transformer = model.module if self._average_grads else model
+        # Multi-process (see unwrap_prepared): under DDP the policy keeps the bare module (peft attributes,
+        # un-prefixed parameter names) and optimizer_step averages the trainable gradients over processes itself, once
+        # per update (DDP's own hooks stay idle since its forward is never called; same gradient as DDP's mean).
+        # FSDP: the policy calls the FSDP root, which reduce-scatters; DeepSpeed ZeRO-2: the bare module, the engine
+        # reduces. Neither is reduced again here.
+        self._prepared = unwrap_prepared(self.accelerator, model, names)
+        self._average_grads = self._prepared.average_grads
+        self.policy.transformer = self._prepared.module
         self.ema = [p.detach().clone() for p in self.params] if o.use_ema else None
         self._register_checkpoint_hooks()
         self.step = 0
@@ -378,7 +384,8 @@ class Trainer:
         S = r.latents.shape[1]
         stats: dict[str, float] = {}
         weights = step_weights(g.step_weighting, r.kinds, r.sigmas, r.sigmas_next, r.noise_levels, r.stds.mean(0))
-        grads = _grad_snapshot(self.params) if g.step_grad_norms else None
+        # (DeepSpeed ZeRO-2 moves the gradients into its partitions during backward: no per-step norms there)
+        grads = _grad_snapshot(self.params) if g.step_grad_norms and self._prepared.kind != "deepspeed" else None
         for j in range(S):
             x = r.latents[:, j].to(self.device)
             sigma = r.sigmas[j].to(self.device)
@@ -405,7 +412,7 @@ class Trainer:
                 loss = loss + g.beta * kl_mean
                 st["kl"] = kl_mean.detach()
             st["loss"] = loss.detach()
-            if not torch.isfinite(loss):
+            if not finite_everywhere(loss, self._prepared):  # FSDP / DeepSpeed: all processes skip together
                 self.nan_skips += 1
                 self.nan_streak += 1
                 warnings.warn(f"step {self.step}: non-finite loss ({float(loss.detach())}) at trained step {j} skipped "
@@ -417,7 +424,7 @@ class Trainer:
                         "rewards/model (the last checkpoint is intact)")
                 continue
             self.nan_streak = 0
-            self.accelerator.backward(loss * scale / S)
+            backward(self.accelerator, self._prepared, loss * scale / S)
             for k, val in st.items():
                 if val.dim() == 0:
                     stats[k] = stats.get(k, 0.0) + float(val) / S
@@ -426,6 +433,8 @@ class Trainer:
                                     valid, st, None if w_j is None else float(weights[j]), g.ratio_norm))
             if grads is not None:
                 gn, grads = _grad_delta_norm(self.params, grads)
+                if self._prepared.kind == "fsdp":  # each process holds a shard of the (reduced) gradient
+                    gn = _norm_over_processes(gn, self.device)
                 scaler = getattr(self.accelerator, "scaler", None)
                 stats[f"_gn/step{int(r.step_indices[j])}"] = gn / (scaler.get_scale() if scaler is not None else 1.0)
         return stats
@@ -434,7 +443,9 @@ class Trainer:
         o = self.cfg.optim
         if self._average_grads:
             self._average_gradients()
-        gn = self.accelerator.clip_grad_norm_(self.params, o.max_grad_norm)
+        if self._prepared.kind == "deepspeed":
+            deepspeed_step(self.accelerator, self.params)  # the engine reduces, clips and steps here
+        gn = self.accelerator.clip_grad_norm_(clip_parameters(self._prepared, self.params), o.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -442,7 +453,7 @@ class Trainer:
         if self.ema is not None:
             with torch.no_grad():
                 torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - o.ema_decay)
-        return float(gn)
+        return float("nan") if gn is None else float(gn)
 
     def _average_gradients(self) -> None:
         """Mean of the trainable gradients over processes (one flat all-reduce; a missing gradient counts as 0)."""
@@ -556,13 +567,16 @@ class Trainer:
         from safetensors.torch import load_file, save_file
 
         def save_hook(models, weights, output_dir):
-            if self.accelerator.is_main_process:
-                sd = {k: v.contiguous().cpu() for k, v in self.policy.trainable_state_dict().items()}
+            sd = trainable_state_dict(self.accelerator, self._prepared, self.policy.trainable_state_dict)
+            if sd is not None:  # the main process (under FSDP every process took part in gathering it)
+                sd = {k: v.contiguous().cpu() for k, v in sd.items()}
                 save_file(sd, os.path.join(output_dir, "trainable.safetensors"))
             while weights:
                 weights.pop()
 
         def load_hook(models, input_dir):
+            if not models:  # FSDP / DeepSpeed: accelerate restored the wrapped model (and optimizer) itself
+                return
             sd = load_file(os.path.join(input_dir, "trainable.safetensors"))
             named = dict(self.policy.transformer.named_parameters())
             missing = [k for k in named if named[k].requires_grad and k not in sd]
@@ -591,12 +605,17 @@ class Trainer:
         from safetensors.torch import save_file
 
         def extra(tmp: Path) -> None:
-            if self.ema is not None:
-                save_file({f"ema.{i}": e.contiguous().cpu() for i, e in enumerate(self.ema)}, str(tmp / "ema.safetensors"))
+            save_file({f"ema.{i}": e.contiguous().cpu() for i, e in enumerate(self.ema)}, str(tmp / self._ema_file()))
 
+        sharded = self._prepared.kind == "fsdp"  # each process holds its own shard of the EMA
         state = {"step": self.step, "optimizer_steps": self.optimizer_steps, "nan_skips": self.nan_skips,
                  "plan": dataclasses.asdict(self.plan), "config": to_dict(self.cfg)}
-        return save_checkpoint(self.accelerator, self.out, self.step, state, self.cfg.checkpoints_total_limit, extra)
+        return save_checkpoint(self.accelerator, self.out, self.step, state, self.cfg.checkpoints_total_limit,
+                               extra if self.ema is not None and not sharded else None,
+                               per_process=extra if self.ema is not None and sharded else None)
+
+    def _ema_file(self) -> str:
+        return f"ema-rank{self.rank}.safetensors" if self._prepared.kind == "fsdp" else "ema.safetensors"
 
     def resume(self, which: str) -> None:
         from safetensors.torch import load_file
@@ -608,7 +627,7 @@ class Trainer:
         state = json.loads((path / "flowrl_state.json").read_text())
         self.accelerator.load_state(str(path))
         if self.ema is not None:
-            ema = load_file(str(path / "ema.safetensors"))
+            ema = load_file(str(path / self._ema_file()))
             self.ema = [ema[f"ema.{i}"].to(self.device) for i in range(len(self.ema))]
         self.step = int(state["step"])
         self.optimizer_steps = int(state["optimizer_steps"])
@@ -619,6 +638,10 @@ class Trainer:
 
     def export(self) -> None:
         """Final LoRA (EMA weights when enabled) as ``pytorch_lora_weights.safetensors`` in ``output_dir``."""
+        gathered = None
+        if self._prepared.kind == "fsdp":  # every process takes part in gathering the full LoRA; the main one writes
+            with self.ema_weights():
+                gathered = trainable_state_dict(self.accelerator, self._prepared, self.policy.trainable_state_dict)
         if not self.accelerator.is_main_process:
             return
         import tempfile
@@ -626,7 +649,10 @@ class Trainer:
         with self.ema_weights():
             tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=self.out))
             try:
-                self.policy.save_lora(tmp)
+                if gathered is not None:
+                    save_peft_lora(self.policy, self._prepared.bare, gathered, tmp)
+                else:
+                    self.policy.save_lora(tmp)
                 for f in tmp.iterdir():
                     dest = self.out / f.name
                     if dest.is_dir():
@@ -746,3 +772,207 @@ def _install_signal_handlers(stop: dict):
 def _restore_signal_handlers(old: dict) -> None:
     for s, h in old.items():
         signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------------------------------------- distributed wrappers
+@dataclasses.dataclass
+class Prepared:
+    """How ``accelerator.prepare`` wrapped the trained model, and what follows from it (shared with the text trainer).
+
+    ``kind``: ``single`` (one process), ``ddp``, ``fsdp`` or ``deepspeed``. ``module``: what the policy calls (its
+    forward runs through it). ``bare``: ``accelerator.unwrap_model(wrapper)`` (peft config, un-prefixed names, export).
+    ``wrapper``: what ``prepare`` returned (full state dicts are gathered through it). ``trainable_names``: the trained
+    parameters' names, taken before wrapping.
+    """
+
+    kind: str
+    module: torch.nn.Module
+    bare: torch.nn.Module
+    wrapper: torch.nn.Module
+    trainable_names: list[str]
+
+    @property
+    def average_grads(self) -> bool:
+        """The trainer all-reduces the trained gradients itself, once per update: only under DDP, whose own hooks
+        never run (the policy calls the bare module). FSDP and DeepSpeed reduce in backward; reducing again would
+        double-reduce."""
+        return self.kind == "ddp"
+
+    @property
+    def collective_backward(self) -> bool:
+        """Backward communicates (FSDP reduce-scatters, ZeRO-2's gradient hooks reduce), so every process must run
+        the same backward passes: a non-finite loss anywhere is skipped everywhere (:func:`finite_everywhere`)."""
+        return self.kind in ("fsdp", "deepspeed")
+
+
+def configure_for_wrapper(accelerator, cfg: TrainConfig, module: torch.nn.Module, *, text: bool = False,
+                          branching: bool = False) -> None:
+    """Checks and settings that must precede ``accelerator.prepare`` under FSDP or DeepSpeed (nothing otherwise).
+
+    FSDP (image trainer, LoRA): version 1 needs ``fsdp_use_orig_params: true`` (trained LoRA and frozen base weights
+    share FSDP units) and one dtype per unit, so the transformer is held in fp32 (FSDP's mixed-precision policy, set by
+    accelerate from ``--mixed_precision``, casts it for compute). DeepSpeed: ZeRO stage <= 2 (parameters stay whole, so
+    the policy's forward on the bare module is right), ``train_micro_batch_size_per_gpu`` = ``sample_batch_size``
+    unless set, the engine's ``gradient_clipping`` = ``--max_grad_norm`` (the engine clips), and its
+    ``gradient_accumulation_steps`` 1 (flowrl accumulates micro-batches itself, :func:`deepspeed_step`).
+    """
+    from accelerate.utils import DistributedType
+
+    dt = accelerator.distributed_type
+    if dt == DistributedType.FSDP:
+        if text:
+            raise ConfigError(
+                "FSDP is not supported by the text trainer: sampling decodes until every completion of a process has "
+                "ended, so processes run different numbers of forward passes, which FSDP's all-gathers cannot match; "
+                "use DDP (configs/accelerate/ddp.yaml) or DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)")
+        if not cfg.model.rank:
+            raise ConfigError(
+                "FSDP trains LoRA only (--rank > 0): the full fine-tuning export (transformer/ + extracted LoRA) reads "
+                "the unsharded transformer; use DDP or DeepSpeed ZeRO-2 for --rank 0")
+        plugin = accelerator.state.fsdp_plugin
+        if getattr(plugin, "fsdp_version", 1) == 1 and not plugin.use_orig_params:
+            raise ConfigError(
+                "FSDP needs fsdp_use_orig_params: true in the accelerate config: the LoRA weights train while the "
+                "frozen base weights share their FSDP units")
+        if any(q.dtype != torch.float32 for q in module.parameters()):
+            module.to(torch.float32)
+    elif dt == DistributedType.DEEPSPEED:
+        if branching:
+            raise ConfigError(
+                f"plan {cfg.plan.plan!r} is not wired for DeepSpeed yet (the branching update calls "
+                "accelerator.backward itself, so the engine would step after every backward); use DDP or FSDP")
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        if stage not in (0, 1, 2):
+            raise ConfigError(
+                f"DeepSpeed ZeRO stage {stage} is not supported: stage 3 shards the parameters, which the policy's "
+                "forward on the bare module cannot see; use zero_stage 2 (configs/accelerate/deepspeed_zero2.yaml)")
+        gas = ds.get("gradient_accumulation_steps", "auto")
+        if gas not in ("auto", 1):
+            raise ConfigError(
+                f"DeepSpeed gradient_accumulation_steps must be 1 (got {gas!r}): flowrl accumulates micro-batches "
+                "itself (--gradient_accumulation_steps) and ends each update with one engine step")
+        ds["gradient_accumulation_steps"] = 1
+        if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":  # no dataloader for accelerate to read it from
+            ds["train_micro_batch_size_per_gpu"] = cfg.grpo.sample_batch_size
+        ds["gradient_clipping"] = cfg.optim.max_grad_norm
+
+
+def unwrap_prepared(accelerator, model: torch.nn.Module, trainable_names: list[str]) -> Prepared:
+    """Which module the policy calls and who reduces the gradients, by accelerate's ``distributed_type``:
+
+    - FSDP: the FSDP root (its forward gathers the shards; backward reduce-scatters the gradients);
+    - DeepSpeed (ZeRO <= 2): the bare module (parameters are whole; the engine's hooks reduce during
+      ``accelerator.backward``);
+    - DDP: the bare module; the trainer averages the gradients itself (:attr:`Prepared.average_grads`);
+    - one process: the model as prepared.
+    """
+    from accelerate.utils import DistributedType
+
+    dt = accelerator.distributed_type
+    if dt == DistributedType.FSDP:
+        return Prepared("fsdp", model, accelerator.unwrap_model(model), model, trainable_names)
+    if dt == DistributedType.DEEPSPEED:
+        bare = accelerator.unwrap_model(model)
+        return Prepared("deepspeed", bare, bare, model, trainable_names)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        bare = accelerator.unwrap_model(model)
+        return Prepared("ddp", bare, bare, model, trainable_names)
+    return Prepared("single", model, model, model, trainable_names)
+
+
+def backward(accelerator, prepared: Prepared, loss: Tensor) -> None:
+    """``accelerator.backward(loss)``; under DeepSpeed as a step inside a gradient-accumulation window (no engine
+    step: one update here spans several backwards, and :func:`deepspeed_step` ends it)."""
+    if prepared.kind != "deepspeed":
+        accelerator.backward(loss)
+        return
+    accelerator.gradient_state._set_sync_gradients(False)  # accelerate's own switch (what `accumulate` sets)
+    try:
+        accelerator.backward(loss)
+    finally:
+        accelerator.gradient_state._set_sync_gradients(True)
+
+
+def deepspeed_step(accelerator, params: list[Tensor]) -> None:
+    """End a DeepSpeed update: a zero-valued backward at the accumulation boundary, so the engine reduces, clips
+    (``gradient_clipping`` = ``--max_grad_norm``), steps the optimizer and zeroes the gradients exactly once. That is
+    accelerate's pattern (the last backward of a window is the boundary) made independent of which of the update's
+    losses were skipped as non-finite."""
+    zero = torch.stack([(p * 0).sum().float() for p in params]).sum()
+    accelerator.backward(zero)
+
+
+def clip_parameters(prepared: Prepared, params: list[Tensor]):
+    """What to hand ``accelerator.clip_grad_norm_``: under FSDP the root's parameters, so accelerate calls the root's
+    ``clip_grad_norm_`` (norm over every shard; frozen parameters have no gradient). A list of LoRA shards would be
+    clipped by each process's own local norm."""
+    return prepared.wrapper.parameters() if prepared.kind == "fsdp" else params
+
+
+def finite_everywhere(loss: Tensor, prepared: Prepared) -> bool:
+    """Whether ``loss`` is finite; where backward communicates (FSDP, DeepSpeed) whether it is finite on every
+    process (one tiny all-reduce), so all skip the same backwards. Under DDP each process decides alone: the
+    gradients meet once per update."""
+    ok = torch.isfinite(loss.detach()).all()
+    if not prepared.collective_backward:
+        return bool(ok)
+    import torch.distributed as dist
+
+    flag = ok.to(torch.float32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def _norm_over_processes(local_norm: float, device) -> float:
+    """The norm of a vector sharded over processes from each process's norm of its shard."""
+    import torch.distributed as dist
+
+    sq = torch.tensor([local_norm * local_norm], dtype=torch.float64, device=device)
+    dist.all_reduce(sq)
+    return math.sqrt(float(sq.item()))
+
+
+def trainable_state_dict(accelerator, prepared: Prepared, local) -> dict[str, Tensor] | None:
+    """The trained weights by un-prefixed name, whole, on the main process (None on the others).
+
+    Under FSDP every process must call this: ``accelerator.get_state_dict`` gathers the full state dict (to the main
+    process's CPU), which is filtered to the trained names. Elsewhere the weights are whole on every process and
+    ``local()`` (the policy's ``trainable_state_dict``) reads them.
+    """
+    if prepared.kind == "fsdp":
+        full = accelerator.get_state_dict(prepared.wrapper)
+        if not accelerator.is_main_process:
+            return None
+        missing = [k for k in prepared.trainable_names if k not in full]
+        if missing:
+            raise RuntimeError(f"the gathered FSDP state dict lacks trained weights {missing[:3]}")
+        return {k: full[k] for k in prepared.trainable_names}
+    return local() if accelerator.is_main_process else None
+
+
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _clean_name(name: str) -> str:
+    """A parameter name without the infixes of nested FSDP units / activation-checkpoint wrappers."""
+    for w in _WRAPPER_PREFIXES:
+        name = name.replace(w, "")
+    return name
+
+
+def save_peft_lora(policy, bare: torch.nn.Module, state_dict: dict[str, Tensor], output_dir: Path) -> None:
+    """``policy.save_lora`` from a gathered state dict (FSDP: the module's own parameters are shards): the same
+    ``pytorch_lora_weights.safetensors`` via peft's ``get_peft_model_state_dict(bare, state_dict=...)`` and the
+    pipeline's ``save_lora_weights`` (diffusers' FSDP LoRA scripts do the same). peft finds the adapter's entries by
+    the module structure, whose names carry the nested FSDP units' ``_fsdp_wrapped_module.``: the gathered (clean)
+    names are mapped onto those for peft and back."""
+    from peft.utils import get_peft_model_state_dict
+
+    structural = {_clean_name(n): n for n, _ in bare.named_parameters()}
+    wrapped = {structural.get(k, k): v for k, v in state_dict.items()}
+    layers = {_clean_name(k): v for k, v in get_peft_model_state_dict(bare, state_dict=wrapped).items()}
+    policy._pipeline_class().save_lora_weights(
+        output_dir, transformer_lora_layers=layers,
+        transformer_lora_adapter_metadata=bare.peft_config["default"].to_dict(),
+    )

@@ -1,5 +1,7 @@
 """Faults: non-finite losses (skipped, counted, bounded), SIGTERM (checkpoint + export, exit 0), a stale temporary
-checkpoint from a kill mid-save (ignored on resume), a failing rank (the whole multi-process job stops)."""
+checkpoint from a kill mid-save (ignored on resume), a disk full mid-save (clear error, nothing partial left, the
+previous checkpoint resumes exactly), SIGKILL mid-save on 2 processes (``--resume_from_checkpoint latest`` continues
+exactly), a failing rank (the whole multi-process job stops)."""
 
 from __future__ import annotations
 
@@ -13,12 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import flowrl.trainer as trainer_mod
 from flowrl.cli import build_config
 from flowrl.trainer import Trainer
 from tests.helpers import save_tiny_sd3
-from tests.test_multiprocess import ROOT, _env, launch
+from tests.test_multiprocess import ROOT, _env, _free_port, launch
 
 FAST = [
     "--prompts_per_step", "2", "--group_size", "2", "--sample_batch_size", "2", "--num_inference_steps", "3",
@@ -134,6 +137,142 @@ def test_stale_tmp_checkpoint_is_ignored_on_resume(tiny_model, tmp_path):
     t.train()
     assert [r["step"] for r in _metrics(out)] == [1, 2, 3]  # resumed after step 2, not from scratch
     assert (out / "checkpoint-3" / "flowrl_state.json").is_file() and not stale.exists()
+
+
+def _half_write_then(tensors, filename, metadata, then) -> None:
+    """Write the first half of what ``safetensors.torch.save_file`` would write, then ``then()``."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    with open(filename, "wb") as f:
+        f.write(data[: len(data) // 2])
+    then()
+
+
+@pytest.mark.parametrize("where", ["safetensors_write", "rename"])
+def test_disk_full_mid_save_leaves_nothing_partial_and_the_previous_checkpoint_resumes(tiny_model, monkeypatch,
+                                                                                        tmp_path, where):
+    import errno
+
+    import safetensors.torch
+
+    import flowrl.checkpoint as ck_mod
+    from flowrl.checkpoint import find_checkpoint
+
+    out = tmp_path / "run"
+    args = ["--pretrained_model_name_or_path", str(tiny_model), "--output_dir", str(out), "--checkpointing_steps",
+            "1", "--max_train_steps", "2", *FAST]
+
+    def enospc():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_save, real_replace = safetensors.torch.save_file, os.replace
+    if where == "safetensors_write":  # the trained weights of checkpoint-2 half written when the disk fills up
+        def save_file(tensors, filename, metadata=None):
+            if ".tmp-checkpoint-2" in str(filename):
+                return _half_write_then(tensors, filename, metadata, enospc)
+            return real_save(tensors, filename, metadata=metadata)
+
+        monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    else:  # everything written, the final rename fails
+        def replace(src, dst):
+            if str(src).endswith(".tmp-checkpoint-2"):
+                enospc()
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(ck_mod.os, "replace", replace)
+    with pytest.raises(OSError, match=r"saving checkpoint-2 .* failed \(No space left on device\); its partial files "
+                                      r"were removed, checkpoint-1 is intact and stays the latest") as err:
+        Trainer(build_config(args)).train()
+    assert err.value.errno == errno.ENOSPC
+    assert not (out / ".tmp-checkpoint-2").exists() and not (out / "checkpoint-2").exists()
+    assert find_checkpoint(out, "latest") == out / "checkpoint-1"
+    monkeypatch.undo()
+
+    # space is back: resume from checkpoint-1 and end exactly where an uninterrupted run ends
+    Trainer(build_config([*args, "--resume_from_checkpoint", "latest"])).train()
+    assert [r["step"] for r in _metrics(out)] == [1, 2]
+    ref = tmp_path / "ref"
+    Trainer(build_config([*args, "--output_dir", str(ref)])).train()
+    from safetensors.torch import load_file
+
+    a = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(ref / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+KILL_MID_SAVE_RUNNER = textwrap.dedent(
+    '''
+    """flowrl train, with rank 0 SIGKILLed halfway through writing the trained weights of checkpoint-$FLOWRL_KILL_STEP
+    (test only: the file is half on disk, flowrl_state.json and the rename never happen)."""
+    import os
+    import signal
+    import sys
+
+    import safetensors.torch as st
+
+    _save, _serialize = st.save_file, st.save
+    tmp = ".tmp-checkpoint-" + os.environ["FLOWRL_KILL_STEP"]
+
+
+    def save_file(tensors, filename, metadata=None):
+        if os.environ.get("RANK") == "0" and tmp in str(filename):
+            data = _serialize(tensors, metadata=metadata)
+            with open(filename, "wb") as f:
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _save(tensors, filename, metadata=metadata)
+
+
+    st.save_file = save_file
+    from flowrl.cli import main
+
+    sys.exit(main(sys.argv[1:]))
+    '''
+)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_save_on_two_processes_resumes_exactly(tiny_model, tmp_path):
+    """Rank 0 dies mid-write of checkpoint-2 (2 processes): the job stops, checkpoint-1 stays the latest complete one,
+    and ``--resume_from_checkpoint latest`` on 2 processes ends where one uninterrupted process with the same global
+    batch ends (2 processes == 1 process, tests/test_multiprocess.py)."""
+    from safetensors.torch import load_file
+
+    from tests.test_multiprocess import ARGS
+
+    runner = tmp_path / "kill_mid_save.py"
+    runner.write_text(KILL_MID_SAVE_RUNNER)
+    out = tmp_path / "run"
+    common = ["--pretrained_model_name_or_path", str(tiny_model), *ARGS[: ARGS.index("--max_train_steps")],
+              *ARGS[ARGS.index("--max_train_steps") + 2:], "--max_train_steps", "3", "--checkpointing_steps", "1"]
+    env = dict(_env(), FLOWRL_KILL_STEP="2")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(_free_port()), str(runner), "train", *common, "--prompts_per_step", "2", "--output_dir", str(out)]
+    killed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    assert (out / ".tmp-checkpoint-2" / "trainable.safetensors").is_file()  # the half-written file is there
+    assert not (out / "checkpoint-2").exists() and (out / "checkpoint-1" / "flowrl_state.json").is_file()
+    assert [r["step"] for r in _metrics(out)] == [1, 2]  # step 2 was logged before its save died
+
+    resumed = launch(2, [*common, "--prompts_per_step", "2", "--output_dir", str(out),
+                         "--resume_from_checkpoint", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr and "checkpoint-1" in resumed.stdout + resumed.stderr
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3]  # step 2's old record was dropped, then re-logged
+    assert not (out / ".tmp-checkpoint-2").exists() and (out / "checkpoint-3" / "flowrl_state.json").is_file()
+
+    ref = tmp_path / "ref"  # one process, same global batch, never interrupted
+    Trainer(build_config([*common, "--prompts_per_step", "4", "--output_dir", str(ref)])).train()
+    a = load_file(str(ref / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"max |dLoRA| killed + resumed on 2 processes vs 1 uninterrupted process: {diff:.3g}")
+    assert diff <= 1e-5
 
 
 FAILING_REWARD = textwrap.dedent(
