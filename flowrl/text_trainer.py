@@ -96,6 +96,7 @@ from .text_objectives import (
     text_policy_loss,
 )
 from .trainer import (
+    average_gradients,
     backward,
     clip_parameters,
     configure_for_wrapper,
@@ -755,18 +756,7 @@ class TextTrainer:
         return float("nan") if gn is None else float(gn)
 
     def _average_gradients(self) -> None:
-        """Mean of the trainable gradients over processes (one flat all-reduce; a missing gradient counts as 0)."""
-        import torch.distributed as dist
-
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([gr.reshape(-1).float() for gr in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        i = 0
-        for p, gr in zip(self.params, grads):
-            k = gr.numel()
-            p.grad = flat[i : i + k].view_as(gr).to(gr.dtype)
-            i += k
+        average_gradients(self.params, self.world)
 
     @torch.no_grad()
     def after_update(self, batch: TextBatch) -> None:

@@ -456,18 +456,7 @@ class Trainer:
         return float("nan") if gn is None else float(gn)
 
     def _average_gradients(self) -> None:
-        """Mean of the trainable gradients over processes (one flat all-reduce; a missing gradient counts as 0)."""
-        import torch.distributed as dist
-
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        i = 0
-        for p, g in zip(self.params, grads):
-            n = g.numel()
-            p.grad = flat[i : i + n].view_as(g).to(g.dtype)
-            i += n
+        average_gradients(self.params, self.world)
 
     @contextlib.contextmanager
     def ema_weights(self):
@@ -976,3 +965,19 @@ def save_peft_lora(policy, bare: torch.nn.Module, state_dict: dict[str, Tensor],
         output_dir, transformer_lora_layers=layers,
         transformer_lora_adapter_metadata=bare.peft_config["default"].to_dict(),
     )
+
+
+def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Mean of ``params``' gradients over ``world`` processes, in place (one flat all-reduce; a missing gradient
+    counts as 0). Used by the image and text trainers under DDP, once per optimizer update."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    i = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[i : i + n].view_as(g).to(g.dtype)
+        i += n
