@@ -359,7 +359,26 @@ def fmt(x: float, spec: str = ".3f") -> str:
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    """Write ``data`` as JSON atomically (a temporary file beside ``path``, then renamed)."""
+    write_text_atomic(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    from flowrl.evaluate import atomic_write_text
+
+    atomic_write_text(Path(path), text)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
+    """``fig.savefig`` to a temporary PNG beside ``path``, then renamed (no half-written plot on disk)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _json_default(o):

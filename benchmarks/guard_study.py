@@ -221,7 +221,9 @@ def _plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"Proxy vs gold over training ({result['gold_set']} prompts; dashed: G*)")
-    fig.savefig(path, dpi=120)
+    from benchmarks.common import save_figure
+
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -237,7 +239,28 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--proxy", default="jpeg_compressibility", help="the only training reward")
     ap.add_argument("--gold_set", default="heldout", help="prompt set of the evaluations (gold and proxy)")
     ap.add_argument("--eval_every", type=int, default=None, help="iterations between evaluations (default steps/10)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse a run whose <out>/<method>/seed<k>/study_run.json records the same training flags "
+                         "(a finished run) instead of training it again; lets the runs go in parallel processes "
+                         "(one --methods/--seeds pair each, same --out) and a last --reuse call summarise them all")
     return ap
+
+
+RUN_RECORD = "study_run.json"
+"""Written into a run's output directory when it finishes: its training flags and wall time (for ``--reuse``)."""
+
+
+def _finished_run(run_dir: Path, argv: Sequence[str]) -> tuple[list[dict], dict] | None:
+    """A finished run's (metrics records, info) when its record matches ``argv``; else None."""
+    from benchmarks.common import read_metrics
+
+    try:
+        info = json.loads((run_dir / RUN_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if info.get("argv") != list(argv):
+        return None
+    return read_metrics(run_dir), info
 
 
 def _label(name: str) -> str:  # the trainer's metric prefix of an eval set
@@ -245,7 +268,8 @@ def _label(name: str) -> str:  # the trainer's metric prefix of an eval set
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.common import make_config, run_argv, set_threads_default, split_list, train_run
+    from benchmarks.common import (make_config, run_argv, set_threads_default, split_list, train_run, write_json,
+                                   write_text_atomic)
 
     set_threads_default()
     args, extra = _parser().parse_known_args(argv)
@@ -272,8 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     curves: dict[str, dict[str, list[dict]]] = {m: {} for m in methods}
     walls: dict[str, dict[str, float]] = {m: {} for m in methods}
     for (m, seed), (cfg, argv_) in runs.items():
-        print(f"[benchmarks.guard_study] training {m} seed {seed} for {args.steps} iterations", flush=True)
-        recs, info = train_run(argv_, cfg=cfg, trainer_base=_gold_trainer_class())
+        done = _finished_run(Path(cfg.output_dir), argv_) if args.reuse else None
+        if done is not None:
+            print(f"[benchmarks.guard_study] reusing {m} seed {seed} from {cfg.output_dir}", flush=True)
+            recs, info = done
+        else:
+            print(f"[benchmarks.guard_study] training {m} seed {seed} for {args.steps} iterations", flush=True)
+            recs, info = train_run(argv_, cfg=cfg, trainer_base=_gold_trainer_class())
+            write_json(Path(cfg.output_dir) / RUN_RECORD, {"argv": list(argv_), "wall_s": info["wall_s"]})
         walls[m][str(seed)] = info["wall_s"]
         curves[m][str(seed)] = _curve(recs, label, args.proxy)
     all_curves = [c for per in curves.values() for c in per.values() if c]
@@ -286,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                     for m, per in curves.items()},
         "curves": curves,
     }
-    (out / "guard_study.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    (out / "guard_study.md").write_text(_markdown(result), encoding="utf-8")
+    write_json(out / "guard_study.json", result)
+    write_text_atomic(out / "guard_study.md", _markdown(result))
     _plot(result, out / "guard_study.png")
     print(_markdown(result))
     return 0

@@ -11,7 +11,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.common import SPLITS, fmean, fmt, fstd, machine_line, md_table
+from benchmarks.common import (SPLITS, fmean, fmt, fstd, machine_line, md_table, save_figure,
+                               write_text_atomic)
 
 PLOTS = ("curves_iterations.png", "curves_time.png", "cost.png", "overhead.png", "scaling.png")
 
@@ -249,7 +250,7 @@ def plots(doc: dict, out: Path) -> list[str]:
                 ax.set_title(f"{split} ({'mean ± std over seeds' if len(res['seeds']) > 1 else 'one seed'})")
                 ax.grid(alpha=0.3)
             axes[0].legend(fontsize=7)
-            fig.savefig(out / fname, dpi=110)
+            save_figure(fig, out / fname)
             plt.close(fig)
             written.append(fname)
         presets = list(res["equal_iterations"])
@@ -265,7 +266,7 @@ def plots(doc: dict, out: Path) -> list[str]:
         ax.set_ylabel(f"ratio to {res['baseline']}")
         ax.set_title("Cost per iteration")
         ax.legend(fontsize=8)
-        fig.savefig(out / "cost.png", dpi=110)
+        save_figure(fig, out / "cost.png")
         plt.close(fig)
         written.append("cost.png")
     if "overhead" in det or "memory" in det:
@@ -295,7 +296,7 @@ def plots(doc: dict, out: Path) -> list[str]:
             r = m["iteration"]["peak_bytes"] / m["bare"]["peak_bytes"] if m["bare"]["peak_bytes"] else math.nan
             ax.set_title(f"Memory: ratio {r:.3f}")
             ax.legend(fontsize=8)
-        fig.savefig(out / "overhead.png", dpi=110)
+        save_figure(fig, out / "overhead.png")
         plt.close(fig)
         written.append("overhead.png")
     if "scaling" in det and any(det["scaling"]["axes"].values()):
@@ -320,7 +321,7 @@ def plots(doc: dict, out: Path) -> list[str]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.suptitle("Time and memory against T, G, resolution (one axis at a time)")
-        fig.savefig(out / "scaling.png", dpi=110)
+        save_figure(fig, out / "scaling.png")
         plt.close(fig)
         written.append("scaling.png")
     return written
@@ -329,7 +330,7 @@ def plots(doc: dict, out: Path) -> list[str]:
 def write_report(doc: dict, out: str | Path) -> None:
     out = Path(out)
     doc.setdefault("plots", plots(doc, out))
-    (out / "report.md").write_text(markdown(doc), encoding="utf-8")
+    write_text_atomic(out / "report.md", markdown(doc))
 
 
 def main(argv: list[str] | None = None) -> int:

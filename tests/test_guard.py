@@ -244,3 +244,38 @@ def test_equal_proxy_gain_interpolation():
     assert at_proxy_gain(curve, 0.3, "gold") == pytest.approx(0.3)  # halfway between the 2nd and 3rd points
     assert at_proxy_gain(curve, 0.0, "gold") == pytest.approx(0.5)
     assert math.isnan(at_proxy_gain(curve, 0.5, "gold"))  # never reached
+
+
+@pytest.mark.slow
+def test_guard_study_runs_in_parallel_pieces_and_reuse_summarises_them(tmp_path, monkeypatch):
+    """Each (method, seed) can run as its own process into the same --out; a last --reuse call trains nothing and
+    summarises them all (table, JSON and plot), identical to what the pieces recorded."""
+    import benchmarks.common as common
+    from benchmarks.guard_study import main as study_main
+
+    model = save_tiny_sd3(tmp_path / "tiny-sd3")
+    out = tmp_path / "study"
+    flags = ["--steps", "1", "--out", str(out), "--model", str(model), "--eval_every", "1",
+             "--prompts_per_step", "2", "--group_size", "2", "--sample_batch_size", "4", "--rank", "4",
+             "--num_inference_steps", "3", "--eval_images_per_prompt", "1"]
+    assert study_main([*flags, "--methods", "flow_grpo", "--seeds", "0"]) == 0
+    assert study_main([*flags, "--methods", "flow_grpo+grpo_guard", "--seeds", "0"]) == 0
+    piece = json.loads((out / "flow_grpo" / "seed0" / "study_run.json").read_text())
+    assert "--algorithm" in piece["argv"] and piece["wall_s"] > 0
+
+    def no_training(*a, **k):
+        raise AssertionError("--reuse trained a finished run again")
+
+    monkeypatch.setattr(common, "train_run", no_training)
+    assert study_main([*flags, "--methods", "flow_grpo,flow_grpo+grpo_guard", "--seeds", "0", "--reuse"]) == 0
+    res = json.loads((out / "guard_study.json").read_text())
+    assert set(res["methods"]) == {"flow_grpo", "flow_grpo+grpo_guard"}
+    assert res["methods"]["flow_grpo"]["0"]["wall_s"] == piece["wall_s"]
+    for m in res["methods"]:
+        assert len(res["curves"][m]["0"]) == 2  # step 0 and step 1 evaluations
+    assert "flow_grpo+grpo_guard" in (out / "guard_study.md").read_text()
+    assert (out / "guard_study.png").stat().st_size > 1000
+    assert not list(out.glob(".*tmp*"))
+    # a changed flag is a different run: --reuse does not pick up the old one
+    with pytest.raises(AssertionError, match="trained a finished run again"):
+        study_main([*flags, "--methods", "flow_grpo", "--seeds", "0", "--reuse", "--learning_rate", "2e-4"])
