@@ -349,7 +349,7 @@ def update(trainer, batch: BranchBatch) -> dict[str, float]:
 
 def _chunk_loss(tr, batch: BranchBatch, nodes: Tensor, rows: Tensor, denom: int) -> dict[str, float] | None:
     """Backward one chunk's share of its update's loss; returns summed stats (None if the loss was not finite)."""
-    from .trainer import _grad_delta_norm, _grad_snapshot, _step_sums
+    from .trainer import _grad_delta_norm, _grad_snapshot, _step_sums, backward
 
     cfg, g = tr.cfg, tr.cfg.grpo
     ro = batch.rollout
@@ -396,11 +396,10 @@ def _chunk_loss(tr, batch: BranchBatch, nodes: Tensor, rows: Tensor, denom: int)
             sft = g.sft_weight * (wn[sel] * mse).sum() / max(1, batch.n_trees)
         loss = loss + sft
         out["sft_loss"] = float(sft.detach())
-    if not torch.isfinite(loss):
-        tr.nan_skips += 1
-        return None
-    tr.accelerator.backward(loss)
     k = int(ro.node_steps[int(nodes[0])])
+    if tr.skip_nonfinite(loss, f"branch step {k}"):  # agreed across processes; max_nan_skips in a row stops
+        return None
+    backward(tr.accelerator, tr._prepared, loss)
     out.update({"loss": float(loss.detach()), "policy_loss": float(policy.detach()),
                 "approx_kl": float(st["approx_kl"]) * n_valid,
                 "ratio_min": float(st["ratio_min"]) if n_valid else math.inf,

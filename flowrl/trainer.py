@@ -112,7 +112,9 @@ class Trainer:
         self.eval_guidance = cfg.eval.eval_guidance_scale or self.guidance
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.model.mixed_precision]
         from .policies import load_policy
-        from .policies.base import default_lora_targets
+        from .policies.base import LARGE_FULL_FINETUNE_PARAMS, check_full_finetune_size, default_lora_targets
+
+        check_full_finetune_size(model_path, cfg.model.rank, cfg.model.allow_large_full_finetune)
 
         # the model family's preset (SD3: joint attention [+ ff]; Flux: see flowrl.policies.flux)
         targets = cfg.model.lora_target_modules or list(
@@ -143,6 +145,9 @@ class Trainer:
         if cfg.eval.eval_guidance_scale is None:
             self.eval_guidance = self.guidance
         self.params = self.policy.trainable_parameters()
+        n_trained = sum(p.numel() for p in self.params)
+        if cfg.model.rank == 0 and n_trained > LARGE_FULL_FINETUNE_PARAMS and not cfg.model.allow_large_full_finetune:
+            check_full_finetune_size(model_path, 0, False, n_params=n_trained)  # a hub id: known only once loaded
         self.rewards = {name: get_reward(name) for name in cfg.rewards}
         from concurrent.futures import ThreadPoolExecutor
 
@@ -290,6 +295,9 @@ class Trainer:
             x = torch.stack([gaussian(self.latent_shape, cfg.seed, step, int(i), -1) for i in noise_ids]).to(self.device)
 
             def noise_fn(j: int, ids=ids) -> Tensor:
+                if cfg.sampling.antithetic_noise:  # group member k odd takes -(noise of k - 1); G even, so id parity = k's
+                    return torch.stack([gaussian(self.latent_shape, cfg.seed, step, int(i) - int(i) % 2, j)
+                                        * (1 - 2 * (int(i) % 2)) for i in ids]).to(self.device)
                 return torch.stack([gaussian(self.latent_shape, cfg.seed, step, int(i), j) for i in ids]).to(self.device)
 
             def vel(x_, s_, cond=cond) -> Tensor:
@@ -412,18 +420,8 @@ class Trainer:
                 loss = loss + g.beta * kl_mean
                 st["kl"] = kl_mean.detach()
             st["loss"] = loss.detach()
-            if not finite_everywhere(loss, self._prepared):  # FSDP / DeepSpeed: all processes skip together
-                self.nan_skips += 1
-                self.nan_streak += 1
-                warnings.warn(f"step {self.step}: non-finite loss ({float(loss.detach())}) at trained step {j} skipped "
-                              f"({self.nan_skips} skipped in all, {self.nan_streak} in a row)", RuntimeWarning)
-                if self.nan_streak >= self.cfg.optim.max_nan_skips:
-                    raise FloatingPointError(
-                        f"step {self.step}: {self.nan_streak} non-finite losses in a row (max_nan_skips="
-                        f"{self.cfg.optim.max_nan_skips}); training diverged - lower learning_rate or check the "
-                        "rewards/model (the last checkpoint is intact)")
+            if self.skip_nonfinite(loss, f"trained step {j}"):
                 continue
-            self.nan_streak = 0
             backward(self.accelerator, self._prepared, loss * scale / S)
             for k, val in st.items():
                 if val.dim() == 0:
@@ -438,6 +436,24 @@ class Trainer:
                 scaler = getattr(self.accelerator, "scaler", None)
                 stats[f"_gn/step{int(r.step_indices[j])}"] = gn / (scaler.get_scale() if scaler is not None else 1.0)
         return stats
+
+    def skip_nonfinite(self, loss: Tensor, where: str) -> bool:
+        """True when ``loss`` is NaN/inf on any process (all processes agree, so FSDP/DeepSpeed never hang in a
+        collective one rank skipped): counted, warned, and after ``max_nan_skips`` in a row a FloatingPointError.
+        A finite loss resets the streak and returns False (go on with the backward pass)."""
+        if finite_everywhere(loss, self._prepared):
+            self.nan_streak = 0
+            return False
+        self.nan_skips += 1
+        self.nan_streak += 1
+        warnings.warn(f"step {self.step}: non-finite loss ({float(loss.detach())}) at {where} skipped "
+                      f"({self.nan_skips} skipped in all, {self.nan_streak} in a row)", RuntimeWarning)
+        if self.nan_streak >= self.cfg.optim.max_nan_skips:
+            raise FloatingPointError(
+                f"step {self.step}: {self.nan_streak} non-finite losses in a row (max_nan_skips="
+                f"{self.cfg.optim.max_nan_skips}); training diverged - lower learning_rate or check the "
+                "rewards/model (the last checkpoint is intact)")
+        return True
 
     def optimizer_step(self) -> float:
         o = self.cfg.optim

@@ -329,3 +329,31 @@ def test_a_hung_rank_fails_the_job_after_collective_timeout(tiny_model, tmp_path
     assert res.returncode != 0
     assert "Timed out" in res.stderr or "timed out" in res.stderr.lower(), res.stderr[-3000:]
     assert time.time() - t0 < 200
+
+
+def test_branching_plans_skip_non_finite_losses_the_same_way(tiny_model, monkeypatch, tmp_path):
+    """The tree trainer shares the linear trainer's rule: counted, warned skip; a streak of max_nan_skips stops."""
+    import flowrl.branching_trainer as branching_mod
+
+    real = branching_mod.clipped_surrogate
+    calls = {"n": 0}
+
+    def fake(*args, **kwargs):
+        loss, st = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 1 else loss), st
+
+    monkeypatch.setattr(branching_mod, "clipped_surrogate", fake)
+    tree = ["--algorithm", "dynamic_treerpo", "--tree_depth", "2", "--window_size", "2", "--group_size", "1",
+            "--prompts_per_step", "2", "--num_inference_steps", "4", "--report_to", "none", "--rank", "4",
+            "--eval_steps", "0", "--pretrained_model_name_or_path", str(tiny_model)]
+    cfg = build_config(["--output_dir", str(tmp_path / "a"), "--max_train_steps", "1", *tree])
+    with pytest.warns(RuntimeWarning, match=r"non-finite loss .* at branch step \d+ skipped \(1 skipped in all"):
+        Trainer(cfg).train()
+    assert _metrics(tmp_path / "a")[-1]["train/nan_loss_skips"] == 1
+    calls["n"] = 0
+    monkeypatch.setattr(branching_mod, "clipped_surrogate",
+                        lambda *a, **k: (lambda out: (out[0] * float("nan"), out[1]))(real(*a, **k)))
+    cfg = build_config(["--output_dir", str(tmp_path / "b"), "--max_train_steps", "3", "--max_nan_skips", "2", *tree])
+    with pytest.warns(RuntimeWarning), pytest.raises(FloatingPointError, match=r"2 non-finite losses in a row"):
+        Trainer(cfg).train()
