@@ -48,6 +48,9 @@ class ModelConfig:
     """Modules that get LoRA; None = the family preset (SD3: attention projections of both streams)."""
     lora_on_ff: bool = True
     """Add the feed-forward layers to the preset targets."""
+    allow_large_full_finetune: bool = False
+    """``rank: 0`` on a transformer of more than 1B parameters (SD3.5, Flux) stops with an error before loading
+    unless this is set: the CPU default's full fine-tuning is almost never what a GPU run wants (use ``rank: 32``)."""
     lora_export_rank: int | None = None
     """Full fine-tuning (``rank: 0``): rank of the LoRA extracted from the weight deltas by SVD and written as
     ``pytorch_lora_weights.safetensors`` beside ``transformer/``; None = exact (each layer's full rank)."""
@@ -75,6 +78,11 @@ class SamplingConfig:
     """Use CFG when rescoring in training too (off = CFG-free training, 'CFG distillation')."""
     same_noise_per_group: bool = True
     """All samples of a prompt start from the same initial noise (MixGRPO's shared noise)."""
+    antithetic_noise: bool = False
+    """Antithetic SDE noise: within each group, samples 2k and 2k+1 draw opposite noise (eps and -eps) at every
+    stochastic step. Each sample is still an exact draw of the policy (log-probs unchanged), but a pair's reward
+    difference isolates the noise's odd-order effect (antithetic variates), lowering the variance of the policy
+    gradient. Needs an even ``group_size``; the linear plans only (``full`` and ``window``)."""
 
 
 @dataclasses.dataclass
@@ -563,6 +571,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     else:
         need(g.group_size >= 2, f"group_size must be >= 2 (advantages compare samples within a group), got {g.group_size}")
     need(g.prompts_per_step >= 1, f"prompts_per_step must be >= 1, got {g.prompts_per_step}")
+    if cfg.sampling.antithetic_noise:
+        need(cfg.modality == "image" and not branching,
+             f"antithetic_noise pairs the SDE noise of a group's samples: image modality with plan full or window "
+             f"only, got modality={cfg.modality!r}, plan={p.plan!r}")
+        need(g.group_size % 2 == 0,
+             f"antithetic_noise pairs a group's samples (eps, -eps): group_size must be even, got {g.group_size}")
     total = g.prompts_per_step * g.group_size
     need(g.sample_batch_size >= 1 and (branching or total % g.sample_batch_size == 0),
          f"sample_batch_size={g.sample_batch_size} must divide prompts_per_step*group_size={total}")

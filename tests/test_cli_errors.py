@@ -233,3 +233,37 @@ def test_errors_during_training_are_not_swallowed(trained, tmp_path, monkeypatch
     with pytest.raises(ValueError, match="boom in update"):
         main(["train", "--pretrained_model_name_or_path", str(model), "--output_dir", str(tmp_path / "out"),
               "--max_train_steps", "1", "--rank", "4", *FAST])
+
+
+def test_full_finetune_of_a_large_transformer_is_refused_before_loading(tmp_path, monkeypatch):
+    """rank 0 (the CPU default's full fine-tuning) pointed at a > 1B-parameter transformer stops before any weight is
+    read, naming the size and the two ways on; the parameter count comes from the safetensors headers alone."""
+    import flowrl.policies
+    from flowrl.policies.base import transformer_num_params
+    from flowrl.trainer import Trainer
+    from tests.helpers import save_tiny_sd3
+
+    model = save_tiny_sd3(tmp_path / "m")
+    from diffusers import SD3Transformer2DModel
+
+    n_real = sum(v.numel() for v in SD3Transformer2DModel.from_pretrained(model / "transformer").state_dict().values())
+    assert transformer_num_params(model) == n_real
+    # a header declaring a 40000 x 40000 weight (1.6B parameters); no data behind it: it must never be loaded
+    header = json.dumps({"huge.weight": {"dtype": "F32", "shape": [40000, 40000], "data_offsets": [0, 0]}}).encode()
+    (model / "transformer" / "zz-huge.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    assert transformer_num_params(model) == n_real + 40000 * 40000
+    cfg = build_config(["--pretrained_model_name_or_path", str(model), "--output_dir", str(tmp_path / "o"),
+                        "--report_to", "none"])
+
+    def no_loading(*a, **k):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(flowrl.policies, "load_policy", no_loading)
+    with pytest.raises(ConfigError, match=r"1\.60B parameters: pass --rank 32 .*--allow_large_full_finetune true"):
+        Trainer(cfg).setup()
+    # explicitly allowed (or LoRA): the check lets it through to loading
+    for flags in (["--allow_large_full_finetune", "true"], ["--rank", "32"]):
+        cfg = build_config(["--pretrained_model_name_or_path", str(model), "--output_dir", str(tmp_path / "o"),
+                            "--report_to", "none", *flags])
+        with pytest.raises(AssertionError, match="weights were loaded"):
+            Trainer(cfg).setup()

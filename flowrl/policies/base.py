@@ -150,6 +150,55 @@ def default_lora_targets(path: str, lora_on_ff: bool, revision: str | None = Non
     return SD3_LORA_TARGETS_WITH_FF if lora_on_ff else SD3_LORA_TARGETS
 
 
+LARGE_FULL_FINETUNE_PARAMS = 1_000_000_000
+"""Full fine-tuning of a transformer above this many parameters needs ``allow_large_full_finetune``."""
+
+
+def transformer_num_params(path: str | Path) -> int | None:
+    """Stored tensor elements (parameters and saved buffers) of ``path/transformer`` counted from its safetensors
+    headers (no weights read); None if unknown.
+
+    Reads only each ``*.safetensors`` file's JSON header (8-byte length + header), so it costs milliseconds even for
+    Flux's 24 GB of shards.
+    """
+    folder = Path(path) / "transformer"
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError):
+            return None
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for d in entry.get("shape", []):
+                    count *= int(d)
+                total += count
+    return total
+
+
+def check_full_finetune_size(path: str | Path, rank: int, allow_large: bool, n_params: int | None = None) -> None:
+    """Refuse ``rank 0`` (full fine-tuning) of a > 1B-parameter transformer unless explicitly allowed.
+
+    ``n_params`` None = count from the local model directory's safetensors headers (before loading)."""
+    if rank != 0 or allow_large:
+        return
+    n = n_params if n_params is not None else transformer_num_params(path)
+    if n is not None and n > LARGE_FULL_FINETUNE_PARAMS:
+        from ..config import ConfigError
+
+        raise ConfigError(
+            f"rank 0 means full fine-tuning, and the transformer at {path} has {n / 1e9:.2f}B parameters: pass "
+            f"--rank 32 for LoRA (what configs/sd35m_*.yaml and configs/flux_dev_hps.yaml use), or "
+            f"--allow_large_full_finetune true to fine-tune every weight (optimizer state alone is 8 bytes per parameter)"
+        )
+
+
 def load_policy(path: str, **kwargs) -> "Policy":
     """Build the Policy matching the pipeline class of ``path`` (local dir or hub id)."""
     name = resolve_pipeline_class(path, kwargs.get("revision"))
