@@ -63,3 +63,46 @@ def test_suite_tiny_mode_writes_results_report_and_plots(tmp_path):
         assert (out / png).stat().st_size > 1000, png
     assert (out / "runs" / "flow_grpo" / "seed0" / "iterations" / "metrics.jsonl").is_file()
     assert Path(out / "report.md").read_text().count("![") >= 4
+
+
+def test_gradient_snr_statistics_by_construction():
+    """g_k = mu + n_k with |mu|^2 = 4 and E|n|^2 = 400 (SNR 0.01), many draws: the unbiased estimates recover both;
+    pure noise gives snr ~ 0 and pair_cos ~ 0; identical draws give pair_cos 1 and infinite snr."""
+    from benchmarks.grad_snr import gradient_snr
+
+    torch.manual_seed(0)
+    P, K = 40_000, 64
+    mu = torch.zeros(P)
+    mu[:4] = 1.0  # |mu|^2 = 4
+    noise = torch.randn(K, P) * (400 / P) ** 0.5  # E|n|^2 = 400
+    s = gradient_snr(mu + noise)
+    assert s["k"] == K
+    assert s["noise_norm2"] == pytest.approx(400, rel=0.02)
+    assert s["signal_norm2"] == pytest.approx(4, abs=0.8)
+    assert s["snr"] == pytest.approx(0.01, abs=0.002)
+    assert s["pair_cos"] == pytest.approx(0.01 / 1.01, abs=0.002)
+    pure = gradient_snr(noise)
+    assert abs(pure["snr"]) < 0.002 and abs(pure["pair_cos"]) < 0.002
+    same = gradient_snr(mu.expand(3, P).clone())
+    assert same["pair_cos"] == pytest.approx(1.0) and same["snr"] == math.inf
+    with pytest.raises(ValueError, match=r"\[K >= 2, P\].*\(1, 3\)"):
+        gradient_snr(torch.ones(1, 3))
+
+
+@pytest.mark.slow
+def test_grad_snr_cli_on_a_tiny_model(tmp_path):
+    from benchmarks.grad_snr import main as snr_main
+
+    model = save_tiny_sd3(tmp_path / "tiny-sd3")
+    out = tmp_path / "snr"
+    rc = snr_main(["--batches", "3", "--out", str(out), "--pretrained_model_name_or_path", str(model),
+                   "--prompts_per_step", "2", "--group_size", "2", "--sample_batch_size", "2", "--rank", "4",
+                   "--num_inference_steps", "3", "--variant", "default=", "--variant", "anti=--antithetic_noise true"])
+    assert rc == 0
+    res = json.loads((out / "grad_snr.json").read_text())
+    assert [v["name"] for v in res["variants"]] == ["default", "anti"]
+    for v in res["variants"]:
+        assert v["k"] == 3 and v["params"] > 0 and -1 <= v["pair_cos"] <= 1 and math.isfinite(v["snr"])
+        assert v["noise_norm2"] > 0  # different batches give different gradients
+    with pytest.raises(SystemExit, match="NAME=FLAGS"):
+        snr_main(["--out", str(out), "--variant", "no-equals-sign"])

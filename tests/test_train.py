@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,32 @@ def test_background_reward_worker_matches_synchronous_scoring(tiny_model, tmp_pa
         assert a["train/loss"] == b["train/loss"]
     for k in w_async:
         torch.testing.assert_close(w_async[k], w_sync[k], rtol=0, atol=0)
+
+
+def test_antithetic_noise_pairs_opposite_sde_noise_and_keeps_log_probs_exact(tiny_model, tmp_path):
+    """--antithetic_noise: in every group, samples 2k and 2k+1 took eps and -eps at each SDE step (recovered from the
+    rollout as (next - mean) / std), different pairs differ, and the stored log-probs are the Gaussian's own."""
+    cfg = build_config(["--pretrained_model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "a"),
+                        "--prompts_per_step", "2", "--group_size", "4", "--sample_batch_size", "4",
+                        "--num_inference_steps", "4", "--train_fraction", "0.5", "--rank", "4",
+                        "--antithetic_noise", "true", "--report_to", "none", "--eval_steps", "0"])
+    trainer = Trainer(cfg)
+    trainer.setup()
+    batch, _ = trainer.sample_and_score(1)
+    for r, cond in zip(batch.rollouts, trainer._conds):
+        eps = (r.next_latents - r.means) / r.stds.view(*r.stds.shape, *([1] * (r.means.dim() - 2)))
+        torch.testing.assert_close(eps[0::2], -eps[1::2], atol=1e-4, rtol=1e-4)
+        assert (eps[0] - eps[2]).abs().mean() > 0.5  # pairs are independent of each other
+        # the log-prob of a Gaussian step depends on |eps| only: a pair's log-probs agree, and equal the formula
+        torch.testing.assert_close(r.log_probs[0::2], r.log_probs[1::2], atol=1e-5, rtol=1e-5)
+        std = r.stds.view(*r.stds.shape, *([1] * (r.means.dim() - 2)))
+        by_hand = (-0.5 * eps**2 - torch.log(std) - 0.5 * math.log(2 * math.pi)).flatten(2).mean(-1)
+        torch.testing.assert_close(r.log_probs, by_hand, atol=1e-4, rtol=1e-4)
+
+
+def test_antithetic_noise_needs_an_even_group(tiny_model, tmp_path):
+    from flowrl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="group_size must be even, got 3"):
+        build_config(["--output_dir", str(tmp_path), "--group_size", "3", "--sample_batch_size", "3",
+                      "--antithetic_noise", "true"])

@@ -1,0 +1,126 @@
+"""How much of one GRPO step's gradient is signal: the policy gradient's signal-to-noise ratio, per configuration.
+
+    python -m benchmarks.grad_snr --batches 8 --out outputs/grad-snr \\
+        --variant "default=" --variant "noise_1.0=--noise_level 1.0" --variant "anti=--antithetic_noise true"
+
+For each ``--variant NAME=FLAGS`` (``flowrl train`` flags on top of the embedded default, or of ``--config``): the
+trainer is set up once, ``--batches`` K independent batches are sampled and scored at the *same* weights (iterations
+1000 ... 1000 + K - 1 of the seeded prompt and noise streams, so every variant sees the same prompts), and each
+batch's policy gradient -- the trainer's own ``micro_batch_loss`` backward over all micro-batches, i.e. what one
+optimizer step would receive -- is flattened into a vector ``g_k``. With ``g_k = mu + n_k`` (``mu`` the expected
+gradient, ``n_k`` independent noise), :func:`gradient_snr` reports
+
+* ``snr`` = ``|mu|^2 / E|n|^2``, from the unbiased estimates ``|g_bar|^2 - s^2 / K`` and
+  ``s^2 = sum_k |g_k - g_bar|^2 / (K - 1)`` (may come out negative when the signal is below the estimate's noise);
+* ``pair_cos`` = the mean cosine between two batches' gradients, ``~ snr / (1 + snr)``: 0 for pure noise, 1 for a
+  noiseless gradient;
+* ``reward`` = the mean training reward of the K batches.
+
+A step whose gradient has ``snr = 0.01`` needs about 100 such steps before the accumulated signal matches the
+accumulated noise: that is what bounds how fast a short CPU run can learn (README, "Results of the default run").
+Writes ``grad_snr.json`` to ``--out``; flags not listed here go to every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def gradient_snr(grads: Tensor) -> dict[str, float]:
+    """Signal-to-noise statistics of K independent gradient draws ``grads`` [K, P] (float; K >= 2).
+
+    Returns ``snr`` (``|mu|^2 / E|g - mu|^2``, unbiased numerator and denominator), ``pair_cos`` (mean cosine over
+    the K (K - 1) / 2 pairs), ``signal_norm2`` and ``noise_norm2`` (the two estimates) and ``k``.
+    """
+    if grads.dim() != 2 or grads.shape[0] < 2:
+        raise ValueError(f"gradient_snr needs [K >= 2, P] gradients, got shape {tuple(grads.shape)}")
+    g = grads.double()
+    k = g.shape[0]
+    mean = g.mean(0)
+    noise = float((g - mean).pow(2).sum(1).sum() / (k - 1))  # E|n|^2, unbiased
+    signal = float(mean.pow(2).sum()) - noise / k  # |mu|^2, unbiased
+    unit = g / g.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    cos = [float(unit[i] @ unit[j]) for i, j in itertools.combinations(range(k), 2)]
+    return {"snr": signal / noise if noise > 0 else math.inf, "pair_cos": sum(cos) / len(cos),
+            "signal_norm2": signal, "noise_norm2": noise, "k": k}
+
+
+def batch_gradients(trainer, batches: int, first_step: int = 1000) -> tuple[Tensor, list[float]]:
+    """[K, P] flattened policy gradients of K fresh batches at the trainer's current weights, and their rewards."""
+    g = trainer.cfg.grpo
+    vecs, rewards = [], []
+    for k in range(batches):
+        batch, _ = trainer.sample_and_score(first_step + k)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        bs = g.sample_batch_size
+        for b, r in enumerate(batch.rollouts):
+            sl = slice(b * bs, (b + 1) * bs)
+            trainer.micro_batch_loss(r, trainer._conds[b], batch.advantages[sl].to(trainer.device),
+                                     batch.valid[sl].to(trainer.device), scale=1.0 / len(batch.rollouts))
+        vecs.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().detach().cpu()
+                               for p in trainer.params]))
+        total = sum(w * batch.rewards[n].float() for n, w in trainer.cfg.rewards.items())
+        rewards.append(float(total.nanmean()))
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return torch.stack(vecs), rewards
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.grad_snr", description=__doc__.split("\n\n")[0],
+                                 allow_abbrev=False)
+    ap.add_argument("--batches", type=int, default=8, help="K independent batches per variant (>= 2)")
+    ap.add_argument("--out", required=True, help="output directory (grad_snr.json)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                    help="a configuration: name and its flowrl train flags (repeatable; default: 'default=')")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import shlex
+
+    from benchmarks.common import make_config, set_threads_default, write_json
+
+    set_threads_default()
+    args, extra = _parser().parse_known_args(argv)
+    if args.batches < 2:
+        raise SystemExit(f"--batches must be >= 2 (a variance needs two draws), got {args.batches}")
+    variants = []
+    for spec in args.variant or ["default="]:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name.strip():
+            raise SystemExit(f"--variant {spec!r}: expected NAME=FLAGS, e.g. 'noise_1.0=--noise_level 1.0'")
+        variants.append((name.strip(), shlex.split(flags)))
+    from flowrl.config import ConfigError
+    from flowrl.trainer import Trainer
+
+    out = Path(args.out)
+    results = []
+    for name, flags in variants:
+        try:
+            cfg = make_config(["--output_dir", str(out / name), "--report_to", "none", "--eval_steps", "0",
+                               "--checkpointing_steps", "0", *extra, *flags])
+        except ConfigError as e:
+            raise SystemExit(f"benchmarks.grad_snr: variant {name!r}: {e}") from None
+        t0 = time.time()
+        trainer = Trainer(cfg)
+        trainer.setup()
+        grads, rewards = batch_gradients(trainer, args.batches)
+        row = {"name": name, "flags": flags, **gradient_snr(grads), "reward": sum(rewards) / len(rewards),
+               "params": grads.shape[1], "seconds": time.time() - t0}
+        results.append(row)
+        print(f"[benchmarks.grad_snr] {name}: snr {row['snr']:+.4f}, pair_cos {row['pair_cos']:+.4f}, "
+              f"reward {row['reward']:.3f} ({row['seconds']:.0f} s)", flush=True)
+    write_json(out / "grad_snr.json", {"batches": args.batches, "extra_flags": extra, "variants": results})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
