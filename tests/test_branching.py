@@ -317,6 +317,27 @@ def test_preset_trains_through_the_cli_with_exact_nfe(name, tiny_model, tmp_path
     assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
+@pytest.mark.parametrize("name", ["g2rpo", "dynamic_treerpo"])
+def test_grpo_guard_composes_with_branching_plans(name, tiny_model, tmp_path):
+    """PLAN+grpo_guard trains through the CLI: the clipped ratio is GRPO-Guard's normalised one (mean 1 at every
+    branch step, raw ratio logged beside it), and the step weights are the guard's (mean 1, not all equal)."""
+    out = tmp_path / name
+    assert main(["train", "--algorithm", f"{name}+grpo_guard", "--pretrained_model_name_or_path", str(tiny_model),
+                 "--output_dir", str(out), "--max_train_steps", "2", *TINY, *SMALL[name]]) == 0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for rec in recs:
+        steps = sorted(int(k.rsplit("step", 1)[1]) for k in rec if k.startswith("train/ratio_mean/step"))
+        assert steps and all(f"train/raw_ratio_mean/step{k}" in rec for k in steps)
+        for k in steps:
+            assert rec[f"train/ratio_mean/step{k}"] == pytest.approx(1.0, abs=1e-3)
+        w = [rec[f"train/step_weight/step{k}"] for k in steps]
+        assert sum(w) / len(w) == pytest.approx(1.0, rel=1e-5)
+        if len(w) > 1:
+            assert max(w) > min(w)  # 1/dt of a non-uniform schedule
+        assert rec["train/loss"] == rec["train/loss"]
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_tempflow_advantage_groups(tiny_model, tmp_path):
     cfg = build_config(["--algorithm", "tempflow_grpo", "--pretrained_model_name_or_path", str(tiny_model),
                         "--output_dir", str(tmp_path / "t"), "--branch_factor", "3", *TINY, "--group_size", "2",
