@@ -298,7 +298,8 @@ def test_preset_trains_through_the_cli_with_exact_nfe(name, tiny_model, tmp_path
     assert spec_nfe(spec)["total"] == per_root
     assert rec["nfe/sampling"] == roots * per_root * 2  # x2: CFG
     nodes = roots * sum(spec.nodes_per_root())
-    assert rec["branch/nodes"] == nodes and rec["nfe/training"] == nodes * 2
+    # x2: CFG in training; the SFT term adds one conditional forward per pulled node (dynamic_treerpo)
+    assert rec["branch/nodes"] == nodes and rec["nfe/training"] == nodes * 2 + rec.get("train/sft_forwards", 0)
     assert rec["branch/transitions"] == roots * spec.transitions_per_root()
     steps = sorted(int(k.rsplit("step", 1)[1]) for k in rec if k.startswith("train/ratio_mean/step"))
     assert steps == spec.train_indices
@@ -359,6 +360,45 @@ def test_tempflow_advantage_groups(tiny_model, tmp_path):
                     for r in (2 * p, 2 * p + 1):
                         assert abs(float(a[(root == r) & (level == lv)].sum())) < 1e-4
         torch.testing.assert_close(batch.row_advantages, batch.leaf_advantages.clamp(-5, 5))  # one leaf per row
+
+
+def test_sft_regresses_the_conditional_velocity_not_the_cfg_mix(tiny_model, tmp_path):
+    """With CFG, the LayerTuning term fits v_cond(x_t) to v* through one extra conditional forward per pulled node
+    (regressing the guided mix collapsed the embedded model); the forwards are counted and the loss is by hand."""
+    import dataclasses
+
+    from flowrl import branching_trainer
+
+    cfg = build_config(["--algorithm", "dynamic_treerpo", "--pretrained_model_name_or_path", str(tiny_model),
+                        "--output_dir", str(tmp_path / "s"), "--max_train_steps", "1", *TINY,
+                        *SMALL["dynamic_treerpo"]])
+    tr = Trainer(cfg)
+    tr.setup()
+    assert tr.guidance != 1.0 and cfg.sampling.train_cfg
+    batch, _ = tr.sample_and_score(1)
+    ro = batch.rollout
+    target = torch.randn_like(ro.node_latents)
+    batch = dataclasses.replace(batch, node_sft_weight=torch.ones(ro.num_nodes), node_sft_target=target)
+    with torch.no_grad():  # the expected term at the current weights, all nodes pulled with weight 1
+        cond = batch.cond_all.select(batch.root_rows[ro.node_roots])
+        expected = 0.0
+        for n in range(ro.num_nodes):
+            v_c = tr.policy.velocity(ro.node_latents[n : n + 1], ro.node_sigmas[n], cond.select(torch.tensor([n])), 1.0)
+            expected += float((v_c - target[n : n + 1]).square().mean())
+        expected *= cfg.grpo.sft_weight / batch.n_trees
+    calls = []
+    real = tr.policy.velocity
+
+    def spy(x, sigma, cond, guidance_scale=1.0):
+        calls.append((x.shape[0], guidance_scale))
+        return real(x, sigma, cond, guidance_scale)
+
+    tr.policy.velocity = spy
+    out = branching_trainer.update(tr, batch)
+    assert out["sft_forwards"] == ro.num_nodes
+    assert sum(b for b, g in calls if g == 1.0) == ro.num_nodes  # conditional passes: the SFT's
+    assert sum(b for b, g in calls if g == tr.guidance) == ro.num_nodes  # guided passes: the policy gradient's
+    assert out["sft_loss"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_best_path_sft_targets():
