@@ -48,7 +48,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +100,7 @@ from .trainer import (
     clip_parameters,
     configure_for_wrapper,
     deepspeed_step,
-    finite_everywhere,
+    skip_nonfinite_loss,
     trainable_state_dict,
     unwrap_prepared,
 )
@@ -726,21 +725,9 @@ class TextTrainer:
         return out
 
     def finite_or_skip(self, loss: Tensor, micro_batch: int) -> bool:
-        """True for a finite loss (resets the streak); else count it, warn, and stop the run after
-        ``max_nan_skips`` in a row (as the image trainer)."""
-        if finite_everywhere(loss, self._prepared):  # DeepSpeed: every process skips the same backwards
-            self.nan_streak = 0
-            return True
-        self.nan_skips += 1
-        self.nan_streak += 1
-        warnings.warn(f"step {self.step}: non-finite loss ({float(loss.detach())}) at micro-batch {micro_batch} "
-                      f"skipped ({self.nan_skips} skipped in all, {self.nan_streak} in a row)", RuntimeWarning)
-        if self.nan_streak >= self.cfg.optim.max_nan_skips:
-            raise FloatingPointError(
-                f"step {self.step}: {self.nan_streak} non-finite losses in a row (max_nan_skips="
-                f"{self.cfg.optim.max_nan_skips}); training diverged - lower learning_rate or check the rewards/model "
-                "(the last checkpoint is intact)")
-        return False
+        """True for a finite loss; else counted, warned, and fatal after ``max_nan_skips`` in a row (the image
+        trainer's rule, :func:`flowrl.trainer.skip_nonfinite_loss`)."""
+        return not skip_nonfinite_loss(self, loss, f"micro-batch {micro_batch}")
 
     def optimizer_step(self) -> float:
         if self._average_grads:

@@ -438,22 +438,8 @@ class Trainer:
         return stats
 
     def skip_nonfinite(self, loss: Tensor, where: str) -> bool:
-        """True when ``loss`` is NaN/inf on any process (all processes agree, so FSDP/DeepSpeed never hang in a
-        collective one rank skipped): counted, warned, and after ``max_nan_skips`` in a row a FloatingPointError.
-        A finite loss resets the streak and returns False (go on with the backward pass)."""
-        if finite_everywhere(loss, self._prepared):
-            self.nan_streak = 0
-            return False
-        self.nan_skips += 1
-        self.nan_streak += 1
-        warnings.warn(f"step {self.step}: non-finite loss ({float(loss.detach())}) at {where} skipped "
-                      f"({self.nan_skips} skipped in all, {self.nan_streak} in a row)", RuntimeWarning)
-        if self.nan_streak >= self.cfg.optim.max_nan_skips:
-            raise FloatingPointError(
-                f"step {self.step}: {self.nan_streak} non-finite losses in a row (max_nan_skips="
-                f"{self.cfg.optim.max_nan_skips}); training diverged - lower learning_rate or check the "
-                "rewards/model (the last checkpoint is intact)")
-        return True
+        """True when ``loss`` is NaN/inf on any process: see :func:`skip_nonfinite_loss`."""
+        return skip_nonfinite_loss(self, loss, where)
 
     def optimizer_step(self) -> float:
         o = self.cfg.optim
@@ -884,6 +870,28 @@ def unwrap_prepared(accelerator, model: torch.nn.Module, trainable_names: list[s
         bare = accelerator.unwrap_model(model)
         return Prepared("ddp", bare, bare, model, trainable_names)
     return Prepared("single", model, model, model, trainable_names)
+
+
+def skip_nonfinite_loss(trainer, loss: Tensor, where: str) -> bool:
+    """The non-finite-loss rule of every recipe (image, branching and text trainers).
+
+    True when ``loss`` is NaN/inf on any process (all processes agree, so FSDP/DeepSpeed never hang in a collective
+    one rank skipped): counted in ``trainer.nan_skips``, warned, and after ``max_nan_skips`` in a row a
+    FloatingPointError. A finite loss resets ``trainer.nan_streak`` and returns False (go on with the backward pass).
+    """
+    if finite_everywhere(loss, trainer._prepared):
+        trainer.nan_streak = 0
+        return False
+    trainer.nan_skips += 1
+    trainer.nan_streak += 1
+    warnings.warn(f"step {trainer.step}: non-finite loss ({float(loss.detach())}) at {where} skipped "
+                  f"({trainer.nan_skips} skipped in all, {trainer.nan_streak} in a row)", RuntimeWarning)
+    limit = trainer.cfg.optim.max_nan_skips
+    if trainer.nan_streak >= limit:
+        raise FloatingPointError(
+            f"step {trainer.step}: {trainer.nan_streak} non-finite losses in a row (max_nan_skips={limit}); "
+            "training diverged - lower learning_rate or check the rewards/model (the last checkpoint is intact)")
+    return True
 
 
 def backward(accelerator, prepared: Prepared, loss: Tensor) -> None:
