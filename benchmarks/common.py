@@ -207,6 +207,75 @@ def train_run(argv: Sequence[str], *, eval_every_s: float | None = None, cpu_bud
     }
 
 
+RUN_RECORD = "run_record.json"
+"""Written into a benchmark run's output directory when it has finished: the key it ran under (its training flags
+and budgets) and what the benchmark keeps of it. ``--reuse`` reads a run back instead of training it again when the
+key matches, so a long benchmark can run in pieces, in parallel processes, or be resumed after an interruption."""
+
+
+def record_run(run_dir: str | Path, key: dict, data: dict) -> None:
+    """Mark the run in ``run_dir`` finished under ``key`` (JSON-able), keeping ``data`` (written atomically)."""
+    write_json(Path(run_dir) / RUN_RECORD, {"key": key, **data})
+
+
+def finished_run(run_dir: str | Path, key: dict) -> dict | None:
+    """The record of a finished run in ``run_dir`` whose key equals ``key`` (a changed flag is a different run);
+    None when there is none or it ran under another key."""
+    try:
+        rec = json.loads((Path(run_dir) / RUN_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return rec if rec.get("key") == json.loads(json.dumps(key, default=_json_default)) else None
+
+
+def _init_worker(slots, devices: list[str] | None) -> None:
+    """Pool-worker start: take a slot and, when GPUs are listed, see only the slot's GPU (set before torch loads)."""
+    slot = slots.get()
+    if devices:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
+
+
+def visible_gpus() -> list[str]:
+    """The GPU ids a job can be pinned to (``CUDA_VISIBLE_DEVICES`` order), or [] without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in env.split(",") if d.strip()] if env else []
+    return ids or [str(i) for i in range(torch.cuda.device_count())]
+
+
+def run_parallel(tasks: dict, jobs: int = 1) -> dict:
+    """Run ``tasks`` ({key: (fn, args)}: a module-level function and its picklable arguments) and return {key:
+    result}, in the order given.
+
+    ``jobs`` <= 1: one after another in this process. Otherwise a pool of ``jobs`` fresh (spawned) worker processes,
+    each running tasks one at a time in submission order; with several GPUs visible, worker ``i`` sees only GPU
+    ``i mod n`` (one run per device). Each worker inherits the environment, so ``OMP_NUM_THREADS`` (1 by default in
+    the benchmarks) sets its threads: on a CPU, ``jobs`` x threads should not exceed the cores. The first failing
+    task's exception is raised once the running tasks have ended (the queued ones are cancelled).
+    """
+    if jobs <= 1 or len(tasks) <= 1:
+        return {k: fn(*a) for k, (fn, a) in tasks.items()}
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = mp.get_context("spawn")
+    slots = ctx.Queue()
+    for i in range(jobs):
+        slots.put(i)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
+                             initargs=(slots, visible_gpus() or None)) as pool:
+        futs = {k: pool.submit(fn, *a) for k, (fn, a) in tasks.items()}
+        for f in as_completed(futs.values()):
+            if f.exception() is not None:
+                for g in futs.values():
+                    g.cancel()
+                raise f.exception()
+    return {k: f.result() for k, f in futs.items()}
+
+
 def read_metrics(out: str | Path) -> list[dict]:
     path = Path(out) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

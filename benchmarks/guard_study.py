@@ -34,7 +34,6 @@ training run unchanged; the runs differ only in ``--algorithm`` and ``--seed``. 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from pathlib import Path
@@ -240,27 +239,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--gold_set", default="heldout", help="prompt set of the evaluations (gold and proxy)")
     ap.add_argument("--eval_every", type=int, default=None, help="iterations between evaluations (default steps/10)")
     ap.add_argument("--reuse", action="store_true",
-                    help="reuse a run whose <out>/<method>/seed<k>/study_run.json records the same training flags "
+                    help="reuse a run whose <out>/<method>/seed<k>/run_record.json records the same training flags "
                          "(a finished run) instead of training it again; lets the runs go in parallel processes "
                          "(one --methods/--seeds pair each, same --out) and a last --reuse call summarise them all")
     return ap
-
-
-RUN_RECORD = "study_run.json"
-"""Written into a run's output directory when it finishes: its training flags and wall time (for ``--reuse``)."""
-
-
-def _finished_run(run_dir: Path, argv: Sequence[str]) -> tuple[list[dict], dict] | None:
-    """A finished run's (metrics records, info) when its record matches ``argv``; else None."""
-    from benchmarks.common import read_metrics
-
-    try:
-        info = json.loads((run_dir / RUN_RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if info.get("argv") != list(argv):
-        return None
-    return read_metrics(run_dir), info
 
 
 def _label(name: str) -> str:  # the trainer's metric prefix of an eval set
@@ -268,8 +250,8 @@ def _label(name: str) -> str:  # the trainer's metric prefix of an eval set
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.common import (make_config, run_argv, set_threads_default, split_list, train_run, write_json,
-                                   write_text_atomic)
+    from benchmarks.common import (finished_run, make_config, read_metrics, record_run, run_argv, set_threads_default,
+                                   split_list, train_run, write_json, write_text_atomic)
 
     set_threads_default()
     args, extra = _parser().parse_known_args(argv)
@@ -296,14 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     curves: dict[str, dict[str, list[dict]]] = {m: {} for m in methods}
     walls: dict[str, dict[str, float]] = {m: {} for m in methods}
     for (m, seed), (cfg, argv_) in runs.items():
-        done = _finished_run(Path(cfg.output_dir), argv_) if args.reuse else None
-        if done is not None:
+        info = finished_run(cfg.output_dir, {"argv": argv_}) if args.reuse else None
+        if info is not None:
             print(f"[benchmarks.guard_study] reusing {m} seed {seed} from {cfg.output_dir}", flush=True)
-            recs, info = done
+            recs = read_metrics(cfg.output_dir)
         else:
             print(f"[benchmarks.guard_study] training {m} seed {seed} for {args.steps} iterations", flush=True)
             recs, info = train_run(argv_, cfg=cfg, trainer_base=_gold_trainer_class())
-            write_json(Path(cfg.output_dir) / RUN_RECORD, {"argv": list(argv_), "wall_s": info["wall_s"]})
+            record_run(cfg.output_dir, {"argv": argv_}, {"wall_s": info["wall_s"]})
         walls[m][str(seed)] = info["wall_s"]
         curves[m][str(seed)] = _curve(recs, label, args.proxy)
     all_curves = [c for per in curves.values() for c in per.values() if c]

@@ -87,6 +87,10 @@ def _presets_md(doc: dict, res: dict) -> list[str]:
         "on the evaluation sets (ODE sampling, fixed seeds, EMA weights), mean ± sample std over seeds; gain = final "
         "- initial.",
         "",
+        (f"Runs went {res['jobs']} at a time, each in its own process" + (
+            "; their wall-clock times disturb each other, CPU times much less." if not cpu else ".")
+         if res.get("jobs", 1) > 1 else "Runs went one at a time."),
+        "",
         "Evaluation flags: `" + " ".join(res["eval_flags"]) + "`.",
         "",
     ]

@@ -19,6 +19,10 @@ Sections (``--sections``, default all):
   std over seeds) and gains, the curves, and from the equal-iteration runs the *cost*: time per iteration
   (sampling, training; mean over iterations 2..N and seeds) and the exact NFE per iteration (CFG included), each
   as a ratio to the baseline (``time_ratio/<preset>``, ``nfe_sampling_ratio/<preset>``, ...).
+  ``--jobs N`` trains N runs at a time, each in its own worker process (one GPU each where several are visible);
+  on a shared CPU use ``--budget_clock cpu``. Every finished run leaves ``run_record.json`` in its directory, and
+  ``--reuse`` reads such runs back instead of training them again: an interrupted suite resumes where it stopped,
+  and presets or seeds can be added to a finished one (the figures are recomputed over all of them).
 * ``overhead``: :mod:`benchmarks.probe` in a fresh process on the default config: one iteration of the trainer
   against the bare transformer forwards / backwards and VAE decodes it contains, replayed on the same model and
   inputs in the same process (``overhead_ratio``, ``overhead_ratio/sampling``, ``overhead_ratio/training``), plus a
@@ -50,8 +54,8 @@ import time
 from pathlib import Path
 
 from benchmarks.common import (
-    SPLITS, add_run_args, fmean, fstd, machine_info, make_config, parse_preset_args, ratio, run_argv,
-    set_threads_default, split_list, summarize, train_run, write_json,
+    SPLITS, add_run_args, finished_run, fmean, fstd, machine_info, make_config, parse_preset_args, ratio, record_run,
+    run_argv, run_parallel, set_threads_default, split_list, summarize, train_run, write_json,
 )
 
 DEFAULT_PRESETS = (
@@ -104,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--sweep_resolution", default=None, help="resolution values ('' = skip)")
     ap.add_argument("--sweep_reps", type=int, default=None, help="(iteration, bare) pairs per sweep point")
     ap.add_argument("--no_profile", action="store_true", help="skip the cProfile of one iteration")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="preset runs trained at a time, each in its own worker process (one GPU each when several "
+                         "are visible); on a CPU with --budget_clock cpu, jobs x OMP_NUM_THREADS <= cores")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read back a preset run already finished under the same flags (its run_record.json) "
+                         "instead of training it again: resume an interrupted suite, or add presets or seeds")
     return add_run_args(ap, seed=False)
 
 
@@ -145,6 +155,25 @@ def _eval_flags(out: Path, n: int, per_prompt: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------ presets
+def train_job(argv: list[str], label: str, eval_every_s: float | None, cpu_budget_s: float | None,
+              reuse: bool) -> dict:
+    """One benchmark run, in this process or a :func:`~benchmarks.common.run_parallel` worker: its :func:`summarize`
+    dict. The run is recorded in its output directory when it ends; with ``reuse`` a run already recorded under the
+    same flags and budgets is read back instead of trained again (a resumed or piecewise suite)."""
+    run_dir = argv[argv.index("--output_dir") + 1]
+    key = {"argv": list(argv), "eval_every_s": eval_every_s, "cpu_budget_s": cpu_budget_s}
+    t0 = time.time()
+    rec = finished_run(run_dir, key) if reuse else None
+    if rec is not None:
+        print(f"[benchmarks] {label}: reused the finished run in {run_dir}", flush=True)
+        return rec["summary"]
+    print(f"[benchmarks] {label}: training", flush=True)
+    summary = summarize(*train_run(argv, eval_every_s=eval_every_s, cpu_budget_s=cpu_budget_s))
+    record_run(run_dir, key, {"summary": summary})
+    print(f"[benchmarks] {label}: done in {time.time() - t0:.0f} s", flush=True)
+    return summary
+
+
 def run_presets(args, st: dict, presets: list[str], extra: list[str], own: dict, out: Path, log) -> dict:
     seeds = [int(s) for s in split_list(st["seeds"])]
     N, E = st["max_train_steps"], st["eval_every"]
@@ -167,34 +196,43 @@ def run_presets(args, st: dict, presets: list[str], extra: list[str], own: dict,
     except ConfigError as e:
         raise SystemExit(f"benchmarks: preset {p!r}: {e}") from None
 
-    iters: dict[str, dict[int, dict]] = {p: {} for p in presets}
+    def run_dir(p: str, s: int, mode: str) -> Path:
+        return out / "runs" / _slug(p) / f"seed{s}" / mode
+
+    tasks = {}
     for p in presets:
         for s in seeds:
-            log(f"presets: {p} seed {s}, {N} iterations")
-            argv = run_argv(p, out / "runs" / _slug(p) / f"seed{s}" / "iterations", steps=N, model=args.model,
-                            num_inference_steps=T, seed=s, eval_steps=E, extra=flags(p))
-            iters[p][s] = summarize(*train_run(argv))
+            argv = run_argv(p, run_dir(p, s, "iterations"), steps=N, model=args.model, num_inference_steps=T, seed=s,
+                            eval_steps=E, extra=flags(p))
+            tasks[(p, s)] = (train_job, (argv, f"{p} seed {s}, {N} iterations", None, None, args.reuse))
+    log(f"presets: {len(tasks)} equal-iteration runs, {args.jobs} at a time")
+    done = run_parallel(tasks, args.jobs)
+    iters = {p: {s: done[(p, s)] for s in seeds} for p in presets}
     base = args.baseline if args.baseline in presets else presets[0]
     cpu = args.budget_clock == "cpu"
     ck = "train_cpu_s" if cpu else "train_s"
     budget = args.time_budget_s or fmean(r[ck] for r in iters[base].values())
     n_evals = max(1, math.ceil(N / E))
     timed: dict[str, dict[int, dict]] = {p: {} for p in presets}
+    tasks = {}
     for p in presets:
         for s in seeds:
             r = iters[p][s]
             pace = r[ck] / max(1, r["iterations"])  # the loop's seconds per iteration, all included
             n = max(1, round(budget / pace)) if pace > 0 else N
             if n == N and abs(r[ck] - budget) <= 0.1 * budget:
-                timed[p][s] = {**r, "reused": True}  # this run already is the equal-time run
+                timed[p][s] = {**r, "same_as_iterations": True}  # this run already is the equal-time run
                 continue
-            log(f"presets: {p} seed {s}, {budget:.1f} s of training ({args.budget_clock}; ~{n} iterations)")
-            argv = run_argv(p, out / "runs" / _slug(p) / f"seed{s}" / "equal_time", steps=n, model=args.model,
-                            num_inference_steps=T, seed=s, budget_s=None if cpu else budget, extra=flags(p))
-            timed[p][s] = {**summarize(*train_run(argv, eval_every_s=budget / n_evals,
-                                                  cpu_budget_s=budget if cpu else None)), "reused": False}
+            argv = run_argv(p, run_dir(p, s, "equal_time"), steps=n, model=args.model, num_inference_steps=T, seed=s,
+                            budget_s=None if cpu else budget, extra=flags(p))
+            tasks[(p, s)] = (train_job, (argv, f"{p} seed {s}, {budget:.1f} s of training ({args.budget_clock}; "
+                                         f"~{n} iterations)", budget / n_evals, budget if cpu else None, args.reuse))
+    log(f"presets: {len(tasks)} equal-time runs of {budget:.1f} s ({args.budget_clock}), {args.jobs} at a time")
+    for (p, s), r in run_parallel(tasks, args.jobs).items():
+        timed[p][s] = {**r, "same_as_iterations": False}
+    timed = {p: dict(sorted(runs.items())) for p, runs in timed.items()}
     return {"seeds": seeds, "baseline": base, "budget_s": budget, "budget_clock": args.budget_clock,
-            "iterations": N, "eval_every": E, "eval_flags": eval_flags, "flags": {p: flags(p) for p in presets},
+            "iterations": N, "eval_every": E, "eval_flags": eval_flags, "jobs": args.jobs, "flags": {p: flags(p) for p in presets},
             "equal_iterations": iters, "equal_time": timed}
 
 
@@ -352,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     st = _settings(args)
     if st["max_train_steps"] < 1:
         raise SystemExit("--max_train_steps must be >= 1")
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
     presets = split_list(args.presets)
     if not presets:
         raise SystemExit("--presets: give at least one")
@@ -382,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     details: dict = {}
     settings = {**st, "quick": args.quick, "sections": sections, "presets": presets, "baseline": args.baseline,
                 "model": args.model, "num_inference_steps": args.num_inference_steps, "extra_flags": extra,
-                "preset_flags": own, "time_budget_s": args.time_budget_s, "budget_clock": args.budget_clock}
+                "preset_flags": own, "time_budget_s": args.time_budget_s, "budget_clock": args.budget_clock,
+                "jobs": args.jobs}
 
     def write(final: bool) -> None:
         """results.json + report.md + plots with what is done so far (after every section)."""
@@ -394,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         write_report(doc, out)  # adds doc["plots"]
         write_json(out / "results.json", doc)
 
+    if "presets" in sections and args.jobs > 1 and args.budget_clock == "wall" and not machine.get("cuda"):
+        log("note: parallel runs on a CPU disturb each other's wall-clock; --budget_clock cpu compares compute")
     if "presets" in sections:
         details["presets"] = run_presets(args, st, presets, extra, own, out, log)
         results.update(preset_figures(details["presets"]))

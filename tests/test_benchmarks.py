@@ -65,6 +65,41 @@ def test_suite_tiny_mode_writes_results_report_and_plots(tmp_path):
     assert Path(out / "report.md").read_text().count("![") >= 4
 
 
+@pytest.mark.slow
+def test_suite_runs_presets_in_parallel_workers_and_reuse_resumes_without_training(tmp_path, monkeypatch):
+    """--jobs 2 trains the preset runs in two worker processes, each recorded (run_record.json); a rerun with --reuse
+    trains nothing and gives the same figures; a changed flag is a different run that --reuse does not pick up."""
+    import benchmarks.suite as suite
+
+    model = save_tiny_sd3(tmp_path / "tiny-sd3")
+    out = tmp_path / "bench"
+    flags = ["--output_dir", str(out), "--model", str(model), "--sections", "presets", "--presets", "flow_grpo,mixgrpo",
+             "--seeds", "0", "--max_train_steps", "2", "--eval_prompts", "2", "--eval_images_per_prompt", "1",
+             "--num_inference_steps", "5", "--prompts_per_step", "2", "--group_size", "2", "--sample_batch_size", "4",
+             "--rank", "4", "--budget_clock", "cpu"]
+    assert suite.main([*flags, "--jobs", "2"]) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert first["settings"]["jobs"] == 2 and first["details"]["presets"]["jobs"] == 2
+    rec = json.loads((out / "runs" / "mixgrpo" / "seed0" / "iterations" / "run_record.json").read_text())
+    assert rec["key"]["argv"][:2] == ["--algorithm", "mixgrpo"] and rec["summary"]["iterations"] == 2
+    for p in ("flow_grpo", "mixgrpo"):
+        assert first["details"]["presets"]["equal_iterations"][p]["0"]["iterations"] == 2
+        assert math.isfinite(first[f"final/equal_time/eval/{p}"])
+    assert "2 at a time" in (out / "report.md").read_text()
+
+    def no_training(*a, **k):
+        raise AssertionError("--reuse trained a finished run again")
+
+    monkeypatch.setattr(suite, "train_run", no_training)
+    assert suite.main([*flags, "--reuse"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    for key in ("time_ratio/mixgrpo", "nfe_sampling_ratio/mixgrpo", "final/equal_iterations/eval/mixgrpo",
+                "final/equal_time/heldout/mixgrpo", "gain/equal_iterations/heldout/flow_grpo", "time_budget_s"):
+        assert again[key] == first[key], key
+    with pytest.raises(AssertionError, match="trained a finished run again"):
+        suite.main([*flags, "--reuse", "--learning_rate", "2e-4"])
+
+
 def test_gradient_snr_statistics_by_construction():
     """g_k = mu + n_k with |mu|^2 = 4 and E|n|^2 = 400 (SNR 0.01), many draws: the unbiased estimates recover both;
     pure noise gives snr ~ 0 and pair_cos ~ 0; identical draws give pair_cos 1 and infinite snr."""

@@ -260,8 +260,8 @@ def test_guard_study_runs_in_parallel_pieces_and_reuse_summarises_them(tmp_path,
              "--num_inference_steps", "3", "--eval_images_per_prompt", "1"]
     assert study_main([*flags, "--methods", "flow_grpo", "--seeds", "0"]) == 0
     assert study_main([*flags, "--methods", "flow_grpo+grpo_guard", "--seeds", "0"]) == 0
-    piece = json.loads((out / "flow_grpo" / "seed0" / "study_run.json").read_text())
-    assert "--algorithm" in piece["argv"] and piece["wall_s"] > 0
+    piece = json.loads((out / "flow_grpo" / "seed0" / "run_record.json").read_text())
+    assert "--algorithm" in piece["key"]["argv"] and piece["wall_s"] > 0
 
     def no_training(*a, **k):
         raise AssertionError("--reuse trained a finished run again")
