@@ -95,11 +95,9 @@ from .text_objectives import (
     text_policy_loss,
 )
 from .trainer import (
-    average_gradients,
     backward,
-    clip_parameters,
     configure_for_wrapper,
-    deepspeed_step,
+    optimizer_step,
     skip_nonfinite_loss,
     trainable_state_dict,
     unwrap_prepared,
@@ -730,20 +728,7 @@ class TextTrainer:
         return not skip_nonfinite_loss(self, loss, f"micro-batch {micro_batch}")
 
     def optimizer_step(self) -> float:
-        if self._average_grads:
-            self._average_gradients()
-        if self._prepared.kind == "deepspeed":
-            deepspeed_step(self.accelerator, self.params)  # the engine reduces, clips and steps here
-        gn = self.accelerator.clip_grad_norm_(clip_parameters(self._prepared, self.params),
-                                              self.cfg.optim.max_grad_norm)
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer_steps += 1
-        return float("nan") if gn is None else float(gn)
-
-    def _average_gradients(self) -> None:
-        average_gradients(self.params, self.world)
+        return optimizer_step(self)
 
     @torch.no_grad()
     def after_update(self, batch: TextBatch) -> None:

@@ -442,23 +442,11 @@ class Trainer:
         return skip_nonfinite_loss(self, loss, where)
 
     def optimizer_step(self) -> float:
-        o = self.cfg.optim
-        if self._average_grads:
-            self._average_gradients()
-        if self._prepared.kind == "deepspeed":
-            deepspeed_step(self.accelerator, self.params)  # the engine reduces, clips and steps here
-        gn = self.accelerator.clip_grad_norm_(clip_parameters(self._prepared, self.params), o.max_grad_norm)
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer_steps += 1
+        gn = optimizer_step(self)
         if self.ema is not None:
             with torch.no_grad():
-                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - o.ema_decay)
-        return float("nan") if gn is None else float(gn)
-
-    def _average_gradients(self) -> None:
-        average_gradients(self.params, self.world)
+                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - self.cfg.optim.ema_decay)
+        return gn
 
     @contextlib.contextmanager
     def ema_weights(self):
@@ -870,6 +858,24 @@ def unwrap_prepared(accelerator, model: torch.nn.Module, trainable_names: list[s
         bare = accelerator.unwrap_model(model)
         return Prepared("ddp", bare, bare, model, trainable_names)
     return Prepared("single", model, model, model, trainable_names)
+
+
+def optimizer_step(trainer) -> float:
+    """The end of one update in every recipe (image, branching and text trainers): gradients averaged over processes
+    where the wrapper leaves that to us, DeepSpeed's engine step under DeepSpeed (it reduces, clips and steps), the
+    gradient norm clipped to ``cfg.optim.max_grad_norm``, optimizer and LR-scheduler steps, gradients zeroed,
+    ``trainer.optimizer_steps`` counted. Returns the pre-clip gradient norm (NaN where the wrapper reports none)."""
+    if trainer._average_grads:
+        average_gradients(trainer.params, trainer.world)
+    if trainer._prepared.kind == "deepspeed":
+        deepspeed_step(trainer.accelerator, trainer.params)
+    gn = trainer.accelerator.clip_grad_norm_(clip_parameters(trainer._prepared, trainer.params),
+                                             trainer.cfg.optim.max_grad_norm)
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.optimizer_steps += 1
+    return float("nan") if gn is None else float(gn)
 
 
 def skip_nonfinite_loss(trainer, loss: Tensor, where: str) -> bool:
