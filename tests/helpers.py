@@ -1,7 +1,12 @@
-"""Shared builders for tests: a tiny random SD3 pipeline saved in diffusers format."""
+"""Shared builders for tests: a tiny random SD3 pipeline saved in diffusers format, and ``flowrl train`` in a
+subprocess, alone or under ``accelerate launch`` (CPU, gloo)."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from flowrl.embedded import MAX_SEQUENCE_LENGTH, TinySD3Config, build_pipeline, save_pipeline_atomic
@@ -19,3 +24,51 @@ def save_tiny_sd3(path: Path, guidance_scale: float = 2.0) -> Path:
                      "guidance_scale": guidance_scale, "num_inference_steps": 4},
     )
     return path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_TIMEOUT_S = 300  # a whole launch; a hung collective can never stall the suite past this
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env() -> dict:
+    """The environment of a test's subprocess: one thread, offline, CPU accelerate, this checkout importable."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", ACCELERATE_USE_CPU="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_train(args: list[str], timeout: float = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """``python -m flowrl.cli train ARGS`` in one process."""
+    cmd = [sys.executable, "-m", "flowrl.cli", "train", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def launch_train(nproc: int, args: list[str], timeout: float = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """``accelerate launch --multi_gpu --num_processes N -m flowrl.cli train ARGS`` on CPU (gloo)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), "-m", "flowrl.cli", "train", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def nan_losses(monkeypatch, module, name: str, which) -> dict:
+    """Make the loss function ``module.name`` (returning ``(loss, stats)``) give a NaN loss on the calls (0-based,
+    in order) for which ``which(i)`` is true; returns the call counter ``{"n": calls so far}``."""
+    real = getattr(module, name)
+    calls = {"n": 0}
+
+    def fake(*args, **kwargs):
+        loss, st = real(*args, **kwargs)
+        i = calls["n"]
+        calls["n"] += 1
+        return (loss * float("nan") if which(i) else loss), st
+
+    monkeypatch.setattr(module, name, fake)
+    return calls

@@ -16,7 +16,6 @@ state is wrong there and a resumed run cannot match; FSDP resume is unverified u
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -306,8 +305,8 @@ def _fsdp_cpu_config(path: Path) -> Path:
 def test_fsdp_on_two_cpu_processes_matches_one_process(tmp_path):
     from safetensors.torch import load_file
 
-    from tests.helpers import save_tiny_sd3
-    from tests.test_multiprocess import ARGS, _env, _free_port, single
+    from tests.helpers import free_port, run_train, save_tiny_sd3, subprocess_env
+    from tests.test_multiprocess import ARGS
 
     model = save_tiny_sd3(tmp_path / "tiny-sd3")
     runner = tmp_path / "fsdp_cpu_runner.py"
@@ -315,13 +314,11 @@ def test_fsdp_on_two_cpu_processes_matches_one_process(tmp_path):
     common = ["--pretrained_model_name_or_path", str(model), *ARGS, "--checkpointing_steps", "1"]
     config = _fsdp_cpu_config(tmp_path / "fsdp_cpu.yaml")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
-           str(_free_port()), str(runner), "train", *common, "--prompts_per_step", "2",
+           str(free_port()), str(runner), "train", *common, "--prompts_per_step", "2",
            "--output_dir", str(tmp_path / "fsdp")]
-    env = _env()
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    two = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-4000:]
-    one = single([*common, "--prompts_per_step", "4", "--output_dir", str(tmp_path / "one")])
+    one = run_train([*common, "--prompts_per_step", "4", "--output_dir", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-4000:]
 
     out = tmp_path / "fsdp"

@@ -20,8 +20,7 @@ import torch
 import flowrl.trainer as trainer_mod
 from flowrl.cli import build_config
 from flowrl.trainer import Trainer
-from tests.helpers import save_tiny_sd3
-from tests.test_multiprocess import ROOT, _env, _free_port, launch
+from tests.helpers import ROOT, free_port, launch_train, nan_losses, save_tiny_sd3, subprocess_env
 
 FAST = [
     "--prompts_per_step", "2", "--group_size", "2", "--sample_batch_size", "2", "--num_inference_steps", "3",
@@ -40,18 +39,8 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def _nan_losses(monkeypatch, which):
-    """Make the surrogate loss NaN on the calls (0-based, in order) for which ``which(i)`` is true."""
-    real = trainer_mod.clipped_surrogate
-    calls = {"n": 0}
-
-    def fake(*args, **kwargs):
-        loss, st = real(*args, **kwargs)
-        i = calls["n"]
-        calls["n"] += 1
-        return (loss * float("nan") if which(i) else loss), st
-
-    monkeypatch.setattr(trainer_mod, "clipped_surrogate", fake)
-    return calls
+    """Make the image trainer's surrogate loss NaN on the calls (0-based, in order) for which ``which(i)`` is true."""
+    return nan_losses(monkeypatch, trainer_mod, "clipped_surrogate", which)
 
 
 def test_nan_loss_is_skipped_with_a_counted_warning(tiny_model, monkeypatch, tmp_path):
@@ -95,7 +84,7 @@ def test_sigterm_checkpoints_exports_and_exits_cleanly(tiny_model, tmp_path):
     cmd = [sys.executable, "-m", "flowrl.cli", "train", "--pretrained_model_name_or_path", str(tiny_model),
            "--output_dir", str(out), "--max_train_steps", "100000", "--checkpointing_steps", "0",
            "--max_time_minutes", "null", *FAST]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
@@ -248,17 +237,17 @@ def test_sigkill_mid_save_on_two_processes_resumes_exactly(tiny_model, tmp_path)
     out = tmp_path / "run"
     common = ["--pretrained_model_name_or_path", str(tiny_model), *ARGS[: ARGS.index("--max_train_steps")],
               *ARGS[ARGS.index("--max_train_steps") + 2:], "--max_train_steps", "3", "--checkpointing_steps", "1"]
-    env = dict(_env(), FLOWRL_KILL_STEP="2")
+    env = dict(subprocess_env(), FLOWRL_KILL_STEP="2")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(_free_port()), str(runner), "train", *common, "--prompts_per_step", "2", "--output_dir", str(out)]
+           str(free_port()), str(runner), "train", *common, "--prompts_per_step", "2", "--output_dir", str(out)]
     killed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode != 0, killed.stderr[-3000:]
     assert (out / ".tmp-checkpoint-2" / "trainable.safetensors").is_file()  # the half-written file is there
     assert not (out / "checkpoint-2").exists() and (out / "checkpoint-1" / "flowrl_state.json").is_file()
     assert [r["step"] for r in _metrics(out)] == [1, 2]  # step 2 was logged before its save died
 
-    resumed = launch(2, [*common, "--prompts_per_step", "2", "--output_dir", str(out),
+    resumed = launch_train(2, [*common, "--prompts_per_step", "2", "--output_dir", str(out),
                          "--resume_from_checkpoint", "latest"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr and "checkpoint-1" in resumed.stdout + resumed.stderr
@@ -293,7 +282,7 @@ def test_a_failing_rank_stops_the_whole_job_promptly(tiny_model, tmp_path, monke
     (tmp_path / "flowrl_failing_reward.py").write_text(FAILING_REWARD)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.time()
-    res = launch(2, ["--pretrained_model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "run"),
+    res = launch_train(2, ["--pretrained_model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "run"),
                      "--max_train_steps", "3", "--reward", "flowrl_failing_reward:fail_on_rank1",
                      "--collective_timeout_s", "60", *FAST], timeout=200)
     elapsed = time.time() - t0
@@ -323,7 +312,7 @@ def test_a_hung_rank_fails_the_job_after_collective_timeout(tiny_model, tmp_path
     (tmp_path / "flowrl_hanging_reward.py").write_text(HANGING_REWARD)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.time()
-    res = launch(2, ["--pretrained_model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "run"),
+    res = launch_train(2, ["--pretrained_model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "run"),
                      "--max_train_steps", "2", "--reward", "flowrl_hanging_reward:hang_on_rank1",
                      "--reward_worker", "false", "--collective_timeout_s", "10", *FAST], timeout=240)
     assert res.returncode != 0
@@ -335,15 +324,7 @@ def test_branching_plans_skip_non_finite_losses_the_same_way(tiny_model, monkeyp
     """The tree trainer shares the linear trainer's rule: counted, warned skip; a streak of max_nan_skips stops."""
     import flowrl.branching_trainer as branching_mod
 
-    real = branching_mod.clipped_surrogate
-    calls = {"n": 0}
-
-    def fake(*args, **kwargs):
-        loss, st = real(*args, **kwargs)
-        calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 1 else loss), st
-
-    monkeypatch.setattr(branching_mod, "clipped_surrogate", fake)
+    nan_losses(monkeypatch, branching_mod, "clipped_surrogate", lambda i: i == 0)
     tree = ["--algorithm", "dynamic_treerpo", "--tree_depth", "2", "--window_size", "2", "--group_size", "1",
             "--prompts_per_step", "2", "--num_inference_steps", "4", "--report_to", "none", "--rank", "4",
             "--eval_steps", "0", "--pretrained_model_name_or_path", str(tiny_model)]
@@ -351,9 +332,8 @@ def test_branching_plans_skip_non_finite_losses_the_same_way(tiny_model, monkeyp
     with pytest.warns(RuntimeWarning, match=r"non-finite loss .* at branch step \d+ skipped \(1 skipped in all"):
         Trainer(cfg).train()
     assert _metrics(tmp_path / "a")[-1]["train/nan_loss_skips"] == 1
-    calls["n"] = 0
-    monkeypatch.setattr(branching_mod, "clipped_surrogate",
-                        lambda *a, **k: (lambda out: (out[0] * float("nan"), out[1]))(real(*a, **k)))
+    monkeypatch.undo()
+    nan_losses(monkeypatch, branching_mod, "clipped_surrogate", lambda i: True)
     cfg = build_config(["--output_dir", str(tmp_path / "b"), "--max_train_steps", "3", "--max_nan_skips", "2", *tree])
     with pytest.warns(RuntimeWarning), pytest.raises(FloatingPointError, match=r"2 non-finite losses in a row"):
         Trainer(cfg).train()

@@ -8,19 +8,13 @@ exported LoRA (EMA, grad-norm clipping and lr schedule included) must agree to f
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers import save_tiny_sd3
+from tests.helpers import launch_train, run_train, save_tiny_sd3
 
-ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 300  # the whole launch; a hung collective can never stall the suite past this
 
 ARGS = [
     "--group_size", "2", "--sample_batch_size", "2", "--num_inference_steps", "3", "--train_fraction", "0.67",
@@ -31,32 +25,6 @@ ARGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", ACCELERATE_USE_CPU="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def launch(nproc: int, args: list[str], timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
-    """``accelerate launch --multi_gpu --num_processes N -m flowrl.cli train ...`` on CPU (gloo)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "flowrl.cli", "train", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def single(args: list[str], timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "flowrl.cli", "train", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_sd3(tmp_path_factory.mktemp("model") / "tiny-sd3")
@@ -65,9 +33,9 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model, tmp_path):
     common = ["--pretrained_model_name_or_path", str(tiny_model), *ARGS]
-    two = launch(2, [*common, "--prompts_per_step", "2", "--output_dir", str(tmp_path / "two")])
+    two = launch_train(2, [*common, "--prompts_per_step", "2", "--output_dir", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-4000:]
-    one = single([*common, "--prompts_per_step", "4", "--output_dir", str(tmp_path / "one")])
+    one = run_train([*common, "--prompts_per_step", "4", "--output_dir", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-4000:]
 
     a = load_file(str(tmp_path / "one" / "pytorch_lora_weights.safetensors"))

@@ -7,35 +7,18 @@ averaged over processes once per update, and the learning-rate schedule steps on
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, launch_train, run_train
+
 CONFIG = str(ROOT / "configs" / "text" / "arithmetic_tiny.yaml")
-TIMEOUT_S = 300
 # 8 completions per process in micro-batches of 4 (16 in 4 on one process), one optimizer update per step
 ARGS = ["--config", CONFIG, "--sft_warmup_steps", "20", "--eval_steps", "0", "--group_size", "4",
         "--sample_batch_size", "4", "--report_to", "none", "--checkpointing_steps", "0", "--max_train_steps", "3",
         "--rank", "4", "--beta", "0.01", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1",
         "--learning_rate", "1e-2", "--collective_timeout_s", "240"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", ACCELERATE_USE_CPU="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _records(out: Path) -> list[dict]:
@@ -74,14 +57,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     from safetensors.torch import load_file
 
     one, two = tmp_path / "one", tmp_path / "two"
-    r1 = subprocess.run([sys.executable, "-m", "flowrl.cli", "train", *ARGS, "--prompts_per_step", "4",
-                         "--output_dir", str(one)], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                        timeout=TIMEOUT_S)
+    r1 = run_train([*ARGS, "--prompts_per_step", "4", "--output_dir", str(one)])
     assert r1.returncode == 0, r1.stderr[-3000:]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(_free_port()), "-m", "flowrl.cli", "train", *ARGS, "--prompts_per_step", "2", "--output_dir", str(two)]
-    r2 = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    r2 = launch_train(2, [*ARGS, "--prompts_per_step", "2", "--output_dir", str(two)])
     assert r2.returncode == 0, r2.stderr[-3000:]
     a, b = _records(one), _records(two)
     assert [r["step"] for r in b] == [1, 2, 3]  # only the main process logs

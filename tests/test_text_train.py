@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from flowrl.cli import build_config, main
+from tests.helpers import nan_losses
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "text" / "arithmetic_tiny.yaml")
 FAST = ["--config", CONFIG, "--sft_warmup_steps", "20", "--eval_steps", "0", "--prompts_per_step", "4",
@@ -99,17 +100,7 @@ def _nan_text_losses(monkeypatch, which):
     """Make the text loss NaN on the calls (0-based, in order) for which ``which(i)`` is true."""
     import flowrl.text_trainer as tt
 
-    real = tt.text_policy_loss
-    calls = {"n": 0}
-
-    def fake(*args, **kwargs):
-        loss, st = real(*args, **kwargs)
-        i = calls["n"]
-        calls["n"] += 1
-        return (loss * float("nan") if which(i) else loss), st
-
-    monkeypatch.setattr(tt, "text_policy_loss", fake)
-    return calls
+    return nan_losses(monkeypatch, tt, "text_policy_loss", which)
 
 
 def test_nan_loss_is_skipped_with_a_counted_warning(tmp_path, monkeypatch):

@@ -32,28 +32,13 @@ import torch
 from torch import Tensor
 
 from .base import Cond
-from .sd3 import SD3Policy
+from .sd3 import SD3_LORA_TARGETS, SD3_LORA_TARGETS_WITH_FF, SD3Policy
 
-FLUX_LORA_TARGETS = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-)
-"""Attention projections: both streams of the double blocks; ``to_q/k/v`` also match the single blocks."""
+FLUX_LORA_TARGETS = SD3_LORA_TARGETS
+"""Attention projections, named as in SD3's joint blocks: both streams of the double blocks; ``to_q/k/v`` also match
+the single blocks."""
 
-FLUX_LORA_TARGETS_WITH_FF = FLUX_LORA_TARGETS + (
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-    "proj_mlp",
-    "proj_out",
-)
+FLUX_LORA_TARGETS_WITH_FF = SD3_LORA_TARGETS_WITH_FF + ("proj_mlp", "proj_out")
 """Plus the feed-forwards: the double blocks' ``ff``/``ff_context`` and the single blocks' ``proj_mlp``/``proj_out``.
 
 ``proj_out`` in a target list means the single blocks' ``proj_out`` only (the policy expands it to
