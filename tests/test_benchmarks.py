@@ -65,6 +65,24 @@ def test_suite_tiny_mode_writes_results_report_and_plots(tmp_path):
     assert Path(out / "report.md").read_text().count("![") >= 4
 
 
+def _square_unless_three(x: int) -> int:
+    if x == 3:
+        raise ValueError("task 3 failed")
+    return x * x
+
+
+def test_run_parallel_keeps_the_task_order_and_raises_a_failing_task_s_error():
+    """Two spawned workers: results come back keyed and in submission order; a failing task's exception reaches the
+    caller (not a hang, not a partial result); jobs=1 runs in this process with the same results."""
+    from benchmarks.common import run_parallel
+
+    tasks = {f"t{i}": (_square_unless_three, (i,)) for i in (2, 0, 1)}
+    assert list(run_parallel(tasks, jobs=2).items()) == [("t2", 4), ("t0", 0), ("t1", 1)]
+    assert run_parallel(tasks, jobs=1) == {"t2": 4, "t0": 0, "t1": 1}
+    with pytest.raises(ValueError, match="task 3 failed"):
+        run_parallel({i: (_square_unless_three, (i,)) for i in (1, 3, 2)}, jobs=2)
+
+
 @pytest.mark.slow
 def test_suite_runs_presets_in_parallel_workers_and_reuse_resumes_without_training(tmp_path, monkeypatch):
     """--jobs 2 trains the preset runs in two worker processes, each recorded (run_record.json); a rerun with --reuse
