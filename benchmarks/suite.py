@@ -232,8 +232,8 @@ def run_presets(args, st: dict, presets: list[str], extra: list[str], own: dict,
         timed[p][s] = {**r, "same_as_iterations": False}
     timed = {p: dict(sorted(runs.items())) for p, runs in timed.items()}
     return {"seeds": seeds, "baseline": base, "budget_s": budget, "budget_clock": args.budget_clock,
-            "iterations": N, "eval_every": E, "eval_flags": eval_flags, "jobs": args.jobs, "flags": {p: flags(p) for p in presets},
-            "equal_iterations": iters, "equal_time": timed}
+            "iterations": N, "eval_every": E, "eval_flags": eval_flags, "jobs": args.jobs,
+            "flags": {p: flags(p) for p in presets}, "equal_iterations": iters, "equal_time": timed}
 
 
 def preset_figures(res: dict) -> dict:
