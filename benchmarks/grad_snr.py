@@ -14,7 +14,9 @@ gradient, ``n_k`` independent noise), :func:`gradient_snr` reports
   ``s^2 = sum_k |g_k - g_bar|^2 / (K - 1)`` (may come out negative when the signal is below the estimate's noise);
 * ``pair_cos`` = the mean cosine between two batches' gradients, ``~ snr / (1 + snr)``: 0 for pure noise, 1 for a
   noiseless gradient;
-* ``reward`` = the mean training reward of the K batches.
+* ``reward`` = the mean training reward of the K batches;
+* with ``--by_module``, the same per module kind (every block's ``attn.to_q`` together, ...) and per transformer
+  block, with each group's share of the squared gradient norm: is the signal concentrated anywhere?
 
 A step whose gradient has ``snr = 0.01`` needs about 100 such steps before the accumulated signal matches the
 accumulated noise: that is what bounds how fast a short CPU run can learn (README, "Results of the default run").
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import re
 import time
 from pathlib import Path
 from typing import Sequence
@@ -51,6 +54,42 @@ def gradient_snr(grads: Tensor) -> dict[str, float]:
     cos = [float(unit[i] @ unit[j]) for i, j in itertools.combinations(range(k), 2)]
     return {"snr": signal / noise if noise > 0 else math.inf, "pair_cos": sum(cos) / len(cos),
             "signal_norm2": signal, "noise_norm2": noise, "k": k}
+
+
+def module_groups(names: Sequence[str], sizes: Sequence[int]) -> dict[str, list[tuple[int, int]]]:
+    """Spans ``[start, end)`` of the flattened gradient per module kind, in first-seen order: a parameter's name
+    with ``.weight`` / ``.bias`` dropped and ``transformer_blocks.<i>.`` (any ``*blocks.<i>.``) collapsed to
+    ``<blocks>.``, so e.g. every block's ``attn.to_q`` is one group; and one group per block (``<name>.<i>``)."""
+    groups: dict[str, list[tuple[int, int]]] = {}
+    off = 0
+    for name, n in zip(names, sizes):
+        base = re.sub(r"\.(weight|bias)$", "", name)
+        kind = re.sub(r"(\w*blocks)\.\d+\.", r"<\1>.", base)
+        groups.setdefault(kind, []).append((off, off + n))
+        block = re.match(r"(.*?\w*blocks\.\d+)\.", base)
+        if block:
+            groups.setdefault(block.group(1), []).append((off, off + n))
+        off += n
+    return groups
+
+
+def grouped_snr(grads: Tensor, groups: dict[str, list[tuple[int, int]]]) -> dict[str, dict[str, float]]:
+    """:func:`gradient_snr` of each group's columns of ``grads`` [K, P], plus its ``params`` and its share of the
+    gradients' total squared norm (``norm2_share``)."""
+    total = float(grads.double().pow(2).sum())
+    out = {}
+    for name, spans in groups.items():
+        sub = torch.cat([grads[:, a:b] for a, b in spans], 1)
+        out[name] = {**gradient_snr(sub), "params": sub.shape[1],
+                     "norm2_share": float(sub.double().pow(2).sum()) / total if total > 0 else math.nan}
+    return out
+
+
+def param_names(trainer) -> list[str]:
+    """Names of ``trainer.params`` (as in the transformer's ``named_parameters``; ``param<i>`` where not found)."""
+    model = getattr(trainer.policy, "transformer", None)
+    by_id = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+    return [by_id.get(id(p), f"param{i}") for i, p in enumerate(trainer.params)]
 
 
 def batch_gradients(trainer, batches: int, first_step: int = 1000) -> tuple[Tensor, list[float]]:
@@ -80,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="output directory (grad_snr.json)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                     help="a configuration: name and its flowrl train flags (repeatable; default: 'default=')")
+    ap.add_argument("--by_module", action="store_true",
+                    help="also report the statistics per module kind and per transformer block (``modules``)")
     return ap
 
 
@@ -115,6 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         grads, rewards = batch_gradients(trainer, args.batches)
         row = {"name": name, "flags": flags, **gradient_snr(grads), "reward": sum(rewards) / len(rewards),
                "params": grads.shape[1], "seconds": time.time() - t0}
+        if args.by_module:
+            row["modules"] = grouped_snr(grads, module_groups(param_names(trainer), [p.numel() for p in trainer.params]))
+            for m, r in sorted(row["modules"].items(), key=lambda kv: -kv[1]["pair_cos"]):
+                print(f"    {m:48s} {r['params']:>9d} params, {r['norm2_share']:6.1%} of |g|^2, "
+                      f"pair_cos {r['pair_cos']:+.4f}", flush=True)
         results.append(row)
         print(f"[benchmarks.grad_snr] {name}: snr {row['snr']:+.4f}, pair_cos {row['pair_cos']:+.4f}, "
               f"reward {row['reward']:.3f} ({row['seconds']:.0f} s)", flush=True)

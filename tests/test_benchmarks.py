@@ -143,6 +143,31 @@ def test_gradient_snr_statistics_by_construction():
 
 
 @pytest.mark.slow
+def test_module_groups_and_grouped_snr_by_hand():
+    """Block indices collapse into module kinds (plus one group per block); each group's statistics are those of its
+    own columns, and the squared-norm shares of the kinds add up to 1."""
+    from benchmarks.grad_snr import grouped_snr, module_groups
+
+    names = ["pos_embed.proj.weight", "transformer_blocks.0.attn.to_q.weight", "transformer_blocks.0.attn.to_q.bias",
+             "transformer_blocks.1.attn.to_q.weight", "proj_out.weight"]
+    groups = module_groups(names, [2, 3, 1, 3, 4])
+    assert groups == {"pos_embed.proj": [(0, 2)], "<transformer_blocks>.attn.to_q": [(2, 5), (5, 6), (6, 9)],
+                      "transformer_blocks.0": [(2, 5), (5, 6)], "transformer_blocks.1": [(6, 9)],
+                      "proj_out": [(9, 13)]}
+    g = torch.zeros(2, 13)
+    g[:, 0:2] = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # pos_embed: identical draws -> cosine 1
+    g[:, 9:13] = torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0]])  # proj_out: opposite draws -> cosine -1
+    g[0, 2], g[1, 3] = 2.0, 2.0  # to_q (block 0): orthogonal draws -> cosine 0
+    res = grouped_snr(g, groups)
+    assert res["pos_embed.proj"]["pair_cos"] == pytest.approx(1.0)
+    assert res["proj_out"]["pair_cos"] == pytest.approx(-1.0)
+    assert res["<transformer_blocks>.attn.to_q"]["pair_cos"] == pytest.approx(0.0)
+    assert res["<transformer_blocks>.attn.to_q"]["params"] == 7 and res["transformer_blocks.1"]["params"] == 3
+    assert res["<transformer_blocks>.attn.to_q"]["norm2_share"] == pytest.approx(8 / 12)  # |g|^2 = 2 + 2 + 8
+    assert sum(res[k]["norm2_share"] for k in ("pos_embed.proj", "<transformer_blocks>.attn.to_q", "proj_out")) \
+        == pytest.approx(1.0)
+
+
 def test_grad_snr_cli_on_a_tiny_model(tmp_path):
     from benchmarks.grad_snr import main as snr_main
 
@@ -150,12 +175,18 @@ def test_grad_snr_cli_on_a_tiny_model(tmp_path):
     out = tmp_path / "snr"
     rc = snr_main(["--batches", "3", "--out", str(out), "--pretrained_model_name_or_path", str(model),
                    "--prompts_per_step", "2", "--group_size", "2", "--sample_batch_size", "2", "--rank", "4",
-                   "--num_inference_steps", "3", "--variant", "default=", "--variant", "anti=--antithetic_noise true"])
+                   "--num_inference_steps", "3", "--variant", "default=", "--variant", "anti=--antithetic_noise true",
+                   "--by_module"])
     assert rc == 0
     res = json.loads((out / "grad_snr.json").read_text())
     assert [v["name"] for v in res["variants"]] == ["default", "anti"]
     for v in res["variants"]:
         assert v["k"] == 3 and v["params"] > 0 and -1 <= v["pair_cos"] <= 1 and math.isfinite(v["snr"])
         assert v["noise_norm2"] > 0  # different batches give different gradients
+        kinds = {m: r for m, r in v["modules"].items() if not m[-1].isdigit()}  # module kinds, not blocks
+        assert sum(r["params"] for r in kinds.values()) == v["params"]  # the kinds partition the gradient
+        assert sum(r["norm2_share"] for r in kinds.values()) == pytest.approx(1.0)
+        assert any(m.startswith("<transformer_blocks>.attn.to_q.lora_A") for m in kinds)
+        assert v["modules"]["transformer_blocks.0"]["params"] > 0
     with pytest.raises(SystemExit, match="NAME=FLAGS"):
         snr_main(["--out", str(out), "--variant", "no-equals-sign"])
