@@ -20,7 +20,7 @@ PLOTS = ("curves_iterations.png", "curves_time.png", "cost.png", "overhead.png",
 def _pm(mean: float, std: float, spec: str = ".3f") -> str:
     if mean != mean:
         return "n/a"
-    return f"{mean:{spec}} ± {std:{spec}}" if std == std else f"{mean:{spec}}"
+    return f"{mean:{spec}} ± {std:{spec.lstrip('+')}}" if std == std else f"{mean:{spec}}"  # a std has no sign
 
 
 def _mb(b: float) -> str:

@@ -190,3 +190,12 @@ def test_grad_snr_cli_on_a_tiny_model(tmp_path):
         assert v["modules"]["transformer_blocks.0"]["params"] > 0
     with pytest.raises(SystemExit, match="NAME=FLAGS"):
         snr_main(["--out", str(out), "--variant", "no-equals-sign"])
+
+
+def test_report_mean_pm_std_formatting():
+    """Gains keep their sign; the std never carries one; a missing std shows the mean alone."""
+    from benchmarks.report import _pm
+
+    assert _pm(-0.012, 0.0123, "+.3f") == "-0.012 ± 0.012"
+    assert _pm(0.4, 0.01) == "0.400 ± 0.010"
+    assert _pm(0.4, math.nan) == "0.400" and _pm(math.nan, 0.1) == "n/a"
