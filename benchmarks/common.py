@@ -270,8 +270,7 @@ def run_parallel(tasks: dict, jobs: int = 1) -> dict:
         futs = {k: pool.submit(fn, *a) for k, (fn, a) in tasks.items()}
         for f in as_completed(futs.values()):
             if f.exception() is not None:
-                for g in futs.values():
-                    g.cancel()
+                pool.shutdown(cancel_futures=True)  # the queued tasks never start; the running ones end
                 raise f.exception()
     return {k: f.result() for k, f in futs.items()}
 

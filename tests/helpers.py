@@ -50,12 +50,15 @@ def run_train(args: list[str], timeout: float = LAUNCH_TIMEOUT_S) -> subprocess.
     return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def launch_train(nproc: int, args: list[str], timeout: float = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """``accelerate launch --multi_gpu --num_processes N -m flowrl.cli train ARGS`` on CPU (gloo)."""
+def launch_train(nproc: int, args: list[str], timeout: float = LAUNCH_TIMEOUT_S, *, entry: list[str] | None = None,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+    """``accelerate launch --multi_gpu --num_processes N -m flowrl.cli train ARGS`` on CPU (gloo); ``entry`` replaces
+    ``-m flowrl.cli`` (e.g. a runner script), ``env`` adds variables."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), "-m", "flowrl.cli", "train", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+           "--main_process_port", str(free_port()), *(entry or ["-m", "flowrl.cli"]), "train", *args]
+    return subprocess.run(cmd, cwd=ROOT, env={**subprocess_env(), **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def nan_losses(monkeypatch, module, name: str, which) -> dict:

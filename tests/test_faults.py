@@ -20,7 +20,7 @@ import torch
 import flowrl.trainer as trainer_mod
 from flowrl.cli import build_config
 from flowrl.trainer import Trainer
-from tests.helpers import ROOT, free_port, launch_train, nan_losses, save_tiny_sd3, subprocess_env
+from tests.helpers import ROOT, launch_train, nan_losses, save_tiny_sd3, subprocess_env
 
 FAST = [
     "--prompts_per_step", "2", "--group_size", "2", "--sample_batch_size", "2", "--num_inference_steps", "3",
@@ -84,7 +84,8 @@ def test_sigterm_checkpoints_exports_and_exits_cleanly(tiny_model, tmp_path):
     cmd = [sys.executable, "-m", "flowrl.cli", "train", "--pretrained_model_name_or_path", str(tiny_model),
            "--output_dir", str(out), "--max_train_steps", "100000", "--checkpointing_steps", "0",
            "--max_time_minutes", "null", *FAST]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         deadline = time.time() + 120
         while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
@@ -237,18 +238,15 @@ def test_sigkill_mid_save_on_two_processes_resumes_exactly(tiny_model, tmp_path)
     out = tmp_path / "run"
     common = ["--pretrained_model_name_or_path", str(tiny_model), *ARGS[: ARGS.index("--max_train_steps")],
               *ARGS[ARGS.index("--max_train_steps") + 2:], "--max_train_steps", "3", "--checkpointing_steps", "1"]
-    env = dict(subprocess_env(), FLOWRL_KILL_STEP="2")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(free_port()), str(runner), "train", *common, "--prompts_per_step", "2", "--output_dir", str(out)]
-    killed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    killed = launch_train(2, [*common, "--prompts_per_step", "2", "--output_dir", str(out)], entry=[str(runner)],
+                          env={"FLOWRL_KILL_STEP": "2"})
     assert killed.returncode != 0, killed.stderr[-3000:]
     assert (out / ".tmp-checkpoint-2" / "trainable.safetensors").is_file()  # the half-written file is there
     assert not (out / "checkpoint-2").exists() and (out / "checkpoint-1" / "flowrl_state.json").is_file()
     assert [r["step"] for r in _metrics(out)] == [1, 2]  # step 2 was logged before its save died
 
     resumed = launch_train(2, [*common, "--prompts_per_step", "2", "--output_dir", str(out),
-                         "--resume_from_checkpoint", "latest"])
+                               "--resume_from_checkpoint", "latest"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr and "checkpoint-1" in resumed.stdout + resumed.stderr
     assert [r["step"] for r in _metrics(out)] == [1, 2, 3]  # step 2's old record was dropped, then re-logged
@@ -283,8 +281,8 @@ def test_a_failing_rank_stops_the_whole_job_promptly(tiny_model, tmp_path, monke
     monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.time()
     res = launch_train(2, ["--pretrained_model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "run"),
-                     "--max_train_steps", "3", "--reward", "flowrl_failing_reward:fail_on_rank1",
-                     "--collective_timeout_s", "60", *FAST], timeout=200)
+                           "--max_train_steps", "3", "--reward", "flowrl_failing_reward:fail_on_rank1",
+                           "--collective_timeout_s", "60", *FAST], timeout=200)
     elapsed = time.time() - t0
     assert res.returncode != 0
     assert "injected reward failure on rank 1" in res.stderr
@@ -313,8 +311,8 @@ def test_a_hung_rank_fails_the_job_after_collective_timeout(tiny_model, tmp_path
     monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.time()
     res = launch_train(2, ["--pretrained_model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "run"),
-                     "--max_train_steps", "2", "--reward", "flowrl_hanging_reward:hang_on_rank1",
-                     "--reward_worker", "false", "--collective_timeout_s", "10", *FAST], timeout=240)
+                           "--max_train_steps", "2", "--reward", "flowrl_hanging_reward:hang_on_rank1",
+                           "--reward_worker", "false", "--collective_timeout_s", "10", *FAST], timeout=240)
     assert res.returncode != 0
     assert "Timed out" in res.stderr or "timed out" in res.stderr.lower(), res.stderr[-3000:]
     assert time.time() - t0 < 200
