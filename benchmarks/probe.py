@@ -119,6 +119,16 @@ class Phase:
     name = "sampling"
 
 
+def device_sync(device) -> None:
+    """Wait until ``device`` has run every queued kernel (CUDA), so that host clocks read around a piece of work time
+    that work and not just its launch; a no-op on the CPU, where every op is synchronous."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 def run_iteration(tr, step: int, phase: Phase | None = None, between=None) -> dict:
     """One trainer iteration (sample_and_score -> update -> step_metrics); seconds per phase and the metrics.
 
@@ -126,11 +136,14 @@ def run_iteration(tr, step: int, phase: Phase | None = None, between=None) -> di
     """
     phase = phase or Phase()
     tr.step = step
+    sync = lambda: device_sync(tr.device)  # noqa: E731
+    sync()
     if between:
         between("sampling")
     phase.name = "sampling"
     t0, c0 = time.perf_counter(), time.process_time()
     batch, _ = tr.sample_and_score(step)
+    sync()
     t1, c1 = time.perf_counter(), time.process_time()
     if between:
         between("training")
@@ -138,6 +151,7 @@ def run_iteration(tr, step: int, phase: Phase | None = None, between=None) -> di
     t2, c2 = time.perf_counter(), time.process_time()
     stats = tr.update(batch)
     metrics = tr.step_metrics(batch, stats, t1 - t0, time.perf_counter() - t2)
+    sync()
     t3, c3 = time.perf_counter(), time.process_time()
     return {"sampling": t1 - t0, "training": t3 - t2, "total": (t1 - t0) + (t3 - t2),
             "cpu_sampling": c1 - c0, "cpu_training": c3 - c2, "cpu_total": (c1 - c0) + (c3 - c2), "metrics": metrics}
@@ -201,14 +215,17 @@ def replay(tr, wl: Workload, between=None) -> dict:
         for c in wl.calls:
             if c.phase != phase:
                 continue
+            device_sync(tr.device)
             t0, c0 = time.perf_counter(), time.process_time()
             if c.kind == "decode":
                 with torch.no_grad():
                     vae.decode(*c.args, **c.kwargs)
+                device_sync(tr.device)
                 times["decode"] += time.perf_counter() - t0
             elif not c.grad:
                 with torch.no_grad(), autocast(), (tr.policy.reference() if c.reference else contextlib.nullcontext()):
                     c.module(*c.args, **c.kwargs)
+                device_sync(tr.device)
                 times["sampling_forward" if phase == "sampling" else "training_forward_backward"] += (
                     time.perf_counter() - t0)
             else:
@@ -218,6 +235,7 @@ def replay(tr, wl: Workload, between=None) -> dict:
                 if c.grad_out is None or c.grad_out.shape != out.shape:
                     c.grad_out = torch.full_like(out, 1e-3)
                 out.backward(c.grad_out)
+                device_sync(tr.device)
                 times["training_forward_backward"] += time.perf_counter() - t0
             times[f"cpu_{phase}"] += time.process_time() - c0
     for p in tr.params:
@@ -360,28 +378,59 @@ def _trim() -> None:
 
 
 class PeakMeter:
-    """High-water mark of the resident set above a base, per phase (see the module docstring)."""
+    """High-water mark of the memory the work lives in, above a base, per phase (see the module docstring).
 
-    def __init__(self) -> None:
+    On the CPU that is the resident set (VmHWM, reset between phases). On a CUDA device it is the device memory that
+    torch's allocator hands out (``torch.cuda.max_memory_allocated``, reset between phases): weights, optimizer state
+    and activations live there, and host RSS would miss them.
+    """
+
+    def __init__(self, device="cpu") -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
         self.peaks: dict[str, float] = {}
-        self.method = "VmHWM reset via /proc/self/clear_refs"
+        self.method = ("torch.cuda.max_memory_allocated above memory_allocated, reset per phase" if self.cuda
+                       else "VmHWM reset via /proc/self/clear_refs")
         self._phase: str | None = None
         self.base_kb = 0
 
+    def _reset(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            _reset_hwm()
+
     def start(self) -> None:
         _trim()
+        if self.cuda:
+            import torch
+
+            device_sync(self.device)
+            torch.cuda.empty_cache()
+            self.base_kb = torch.cuda.memory_allocated(self.device) / 1024
+            self._reset()
+            return
         if not _reset_hwm() or _status_kb("VmRSS") is None:
             self.method = "ru_maxrss growth (no high-water reset on this OS: an upper bound on the first phase only)"
         self.base_kb = _status_kb("VmRSS") or _maxrss_kb()
 
-    def _read(self) -> int:
+    def _read(self) -> float:
+        if self.cuda:
+            import torch
+
+            device_sync(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / 1024
         return _status_kb("VmHWM") or _maxrss_kb()
 
     def between(self, name: str) -> None:
         """Close the running phase (its peak) and open ``name`` with a fresh high-water mark."""
         if self._phase is not None:
             self.peaks[self._phase] = (self._read() - self.base_kb) * 1024
-            _reset_hwm()
+            self._reset()
         self._phase = name
 
     def stop(self) -> None:
@@ -397,7 +446,7 @@ def measure_memory(tr, which: str) -> dict:
     else:
         run_iteration(tr, 2)
         wl.calls.clear()  # the iteration process keeps no recorded inputs
-    meter = PeakMeter()
+    meter = PeakMeter(tr.device)
     meter.start()
     if which == "bare":
         replay(tr, wl, between=meter.between)
@@ -405,7 +454,7 @@ def measure_memory(tr, which: str) -> dict:
         run_iteration(tr, 3, between=meter.between)
     meter.stop()
     return {
-        "which": which, "method": meter.method, "base_rss_bytes": meter.base_kb * 1024,
+        "which": which, "method": meter.method, "device": str(meter.device), "base_rss_bytes": meter.base_kb * 1024,
         "peak_bytes": max(meter.peaks.values()), "peak_bytes_sampling": meter.peaks.get("sampling", math.nan),
         "peak_bytes_training": meter.peaks.get("training", math.nan),
         "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},

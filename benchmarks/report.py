@@ -174,12 +174,16 @@ def _overhead_md(o: dict) -> list[str]:
 
 def _memory_md(m: dict) -> list[str]:
     it, bare = m["iteration"], m["bare"]
+    where = "device memory" if it.get("device", "cpu").startswith("cuda") else "resident memory"
     lines = [
         "", "## Memory", "",
-        f"Peak resident memory above the process's base during one iteration vs during the bare replay, each in a "
-        f"fresh process after a warm-up iteration ({it['method']}; glibc set to give every allocation over 64 KiB "
-        f"its own mapping, `{' '.join(f'{k}={v}' for k, v in it['malloc_env'].items())}`, so the resident size "
-        "follows live tensors rather than allocator caches). Base = weights, optimizer state, EMA, libraries: "
+        f"Peak {where} above the process's base during one iteration vs during the bare replay, each in a "
+        f"fresh process after a warm-up iteration ({it['method']}"
+        + ("" if where == "device memory" else
+           f"; glibc set to give every allocation over 64 KiB its own mapping, "
+           f"`{' '.join(f'{k}={v}' for k, v in it['malloc_env'].items())}`, so the resident size follows live tensors "
+           "rather than allocator caches")
+        + "). Base = weights, optimizer state, EMA, libraries: "
         f"{_mb(it['base_rss_bytes'])} MB (iteration process), {_mb(bare['base_rss_bytes'])} MB (bare process, which "
         "also holds the recorded inputs).", "",
     ]

@@ -513,6 +513,12 @@ def set_value(cfg: TrainConfig, key: str, value: Any, source: str) -> None:
     ok, v = _type_ok(value, tp)
     if not ok and value is None:  # "--report_to none": the literal string, not null
         ok, v = _type_ok("none", tp)
+    if not ok and isinstance(value, bool) and get_origin(tp) is Literal:
+        # YAML 1.1 and the flag parser read no/off/yes/on as booleans: "--mixed_precision no" means the choice "no"
+        words = ("yes", "true", "on") if value else ("no", "false", "off")
+        spelled = [a for a in get_args(tp) if a in words]
+        if spelled:
+            ok, v = True, spelled[0]
     if not ok and field == "step_weighting" and {"guard", "tempflow"} <= set(re.findall(r"[a-z]+", str(value).lower())):
         raise ConfigError(f"{source}: {key} = {value!r}: GRPO-Guard reweighting ('guard') and TempFlow noise-aware "
                           "weights ('tempflow') are mutually exclusive (GRPO-Guard's ablation: together they speed up "

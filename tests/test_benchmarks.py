@@ -199,3 +199,76 @@ def test_report_mean_pm_std_formatting():
     assert _pm(-0.012, 0.0123, "+.3f") == "-0.012 ± 0.012"
     assert _pm(0.4, 0.01) == "0.400 ± 0.010"
     assert _pm(0.4, math.nan) == "0.400" and _pm(math.nan, 0.1) == "n/a"
+
+
+def test_peak_meter_on_cuda_reads_the_allocator_peak_of_each_phase(monkeypatch):
+    """On a CUDA device the memory probe measures torch's allocator (device memory), not host RSS: the peak of each
+    phase above the allocated base, with the peak counter reset at every phase boundary (a fake allocator here)."""
+    from benchmarks import probe
+
+    mib = 1024 * 1024
+    state = {"alloc": 100 * mib, "peak": 100 * mib, "resets": 0, "syncs": 0}
+
+    def reset(device=None):
+        state["resets"] += 1
+        state["peak"] = state["alloc"]
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: state.__setitem__("syncs", state["syncs"] + 1))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["alloc"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    meter = probe.PeakMeter("cuda:0")
+    meter.start()
+    meter.between("sampling")
+    state["peak"] = 350 * mib  # sampling's activations
+    meter.between("training")
+    state["peak"] = 180 * mib  # after the reset, training peaks lower
+    meter.stop()
+    assert meter.peaks == {"sampling": 250 * mib, "training": 80 * mib}
+    assert state["resets"] == 3 and state["syncs"] >= 3 and "max_memory_allocated" in meter.method
+    cpu = probe.PeakMeter("cpu")
+    assert not cpu.cuda and "VmHWM" in cpu.method
+
+
+def test_sd35m_architecture_replica_loads_and_times_through_the_probe(tmp_path):
+    """benchmarks.arch writes a random-weight pipeline with SD3.5-M's published transformer and SD3's VAE configs
+    (shrunk for the test: the same code path), loadable by a stock diffusers pipeline, and the step-time probe runs on
+    it with the SD3.5-M Flow-GRPO config (CFG in training, the KL's reference pass)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from benchmarks.arch import ARCHITECTURES
+    from benchmarks.arch import main as arch_main
+    from benchmarks.probe import main as probe_main
+
+    full = ARCHITECTURES["sd35m"]
+    assert full.transformer["num_layers"] == 24 and full.transformer["dual_attention_layers"] == tuple(range(13))
+    assert full.transformer["num_attention_heads"] * full.transformer["attention_head_dim"] == 1536
+    with torch.device("meta"):
+        from diffusers import SD3Transformer2DModel
+
+        n = sum(p.numel() for p in SD3Transformer2DModel(**full.transformer).parameters())
+    assert 2.24e9 < n < 2.25e9  # + the 384 x 384 x 1536 position table = 2.47B values, as in the released weights
+
+    out = tmp_path / "sd35m"
+    assert arch_main(["--arch", "sd35m", "--shrink", "8", "--output_dir", str(out)]) == 0
+    pipe = StableDiffusion3Pipeline.from_pretrained(out)
+    tc, vc = pipe.transformer.config, pipe.vae.config
+    assert tc.qk_norm == "rms_norm" and tuple(tc.dual_attention_layers) == (0,) and tc.num_layers == 3
+    assert tc.in_channels == 16 and tc.patch_size == 2 and tc.joint_attention_dim == pipe.text_encoder_3.config.d_model
+    assert vc.latent_channels == 16 and vc.scaling_factor == 1.5305 and vc.shift_factor == 0.0609
+    assert tc.pooled_projection_dim == (pipe.text_encoder.config.projection_dim
+                                        + pipe.text_encoder_2.config.projection_dim)
+    js = tmp_path / "time.json"
+    assert probe_main([
+        "--what", "time", "--reps", "1", "--json", str(js), "--config", "configs/sd35m_flow_grpo.yaml",
+        "--pretrained_model_name_or_path", str(out), "--prompts", "scenes:train", "--eval_sets", "eval",
+        "--reward", "jpeg_compressibility", "--prompts_per_step", "1", "--group_size", "2", "--sample_batch_size", "2",
+        "--resolution", "32", "--mixed_precision", "no", "--max_sequence_length", "8",
+    ]) == 0
+    res = json.loads(js.read_text())
+    # 10 steps x 2 samples x CFG 2 in sampling; 9 trained steps x 2 x CFG 2 x (policy + KL reference) in training
+    assert res["trainer_nfe_sampling"] == res["bare_nfe_sampling"] == 40
+    assert res["trainer_nfe_training"] == res["bare_nfe_training"] == 72
+    assert res["workload"]["transformer_input_shapes"] == [[4, 16, 4, 4]]
+    assert res["overhead_ratio"] > 0 and res["iteration_s"] > 0

@@ -23,3 +23,16 @@ def test_embedded_yaml_is_the_default():
     yaml = Path(__file__).resolve().parents[1] / "configs" / "embedded_flow_grpo.yaml"
     spelled = to_dict(build_config(["--config", str(yaml)]))
     assert spelled == default
+
+
+def test_no_and_off_reach_string_choices_as_written(tmp_path):
+    """diffusers' ``--mixed_precision no`` (and YAML's ``mixed_precision: no``, which YAML 1.1 reads as false) set the
+    choice "no"; a boolean where no choice is spelled so stays an error that names the choices."""
+    from flowrl.config import ConfigError
+
+    assert build_config(["--mixed_precision", "no"]).model.mixed_precision == "no"
+    y = tmp_path / "c.yaml"
+    y.write_text("model:\n  mixed_precision: no\n")
+    assert build_config(["--config", str(y)]).model.mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"mixed_precision = True has the wrong type; expected one of 'no', 'fp16'"):
+        build_config(["--mixed_precision", "yes"])
