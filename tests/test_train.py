@@ -52,6 +52,24 @@ def test_train_cli_writes_metrics_lora_and_ratio_is_one(tiny_model, tmp_path):
     assert list((out / "grids").glob("eval-step00000.png"))
 
 
+def test_bf16_mixed_precision_stays_on_policy_and_exports_fp32_lora(tiny_model, tmp_path):
+    """The GPU recipes' ``--mixed_precision bf16`` (autocast, here on the CPU): sampling and the first training pass
+    run the same bf16 forwards, so the ratio is still exactly 1; the update is finite and nonzero, and the exported
+    LoRA is fp32 (diffusers' loaders cast on load)."""
+    out = tmp_path / "run"
+    rc = main(["train", "--pretrained_model_name_or_path", str(tiny_model), "--output_dir", str(out),
+               "--max_train_steps", "2", "--eval_steps", "0", *FAST, "--group_size", "4", "--sample_batch_size", "4",
+               "--mixed_precision", "bf16", "--beta", "0.04"])
+    assert rc == 0
+    recs = _metrics(out)
+    for r in recs:
+        assert r["train/ratio_min"] == 1.0 and r["train/ratio_max"] == 1.0
+        assert math.isfinite(r["train/loss"]) and math.isfinite(r["train/kl"])
+    assert any(r["train/grad_norm"] > 0 for r in recs)
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    assert lora and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in lora.values())
+
+
 def test_resume_is_exact(tiny_model, tmp_path, monkeypatch):
     args = ["--pretrained_model_name_or_path", str(tiny_model), "--max_train_steps", "4", "--checkpointing_steps", "2",
             "--eval_steps", "0", "--lr_scheduler", "cosine", *FAST]
