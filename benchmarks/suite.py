@@ -59,7 +59,7 @@ from benchmarks.common import (
 )
 
 DEFAULT_PRESETS = (
-    "flow_grpo", "flow_grpo_fast", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star", "dance_grpo",
+    "flow_grpo", "flow_grpo_fast", "flow_grpo_cps", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star", "dance_grpo",
     "flow_grpo+grpo_guard", "tempflow_grpo", "g2rpo", "dynamic_treerpo",
 )
 SECTIONS = ("presets", "overhead", "memory", "scaling")

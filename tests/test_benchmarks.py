@@ -272,3 +272,14 @@ def test_sd35m_architecture_replica_loads_and_times_through_the_probe(tmp_path):
     assert res["trainer_nfe_training"] == res["bare_nfe_training"] == 72
     assert res["workload"]["transformer_input_shapes"] == [[4, 16, 4, 4]]
     assert res["overhead_ratio"] > 0 and res["iteration_s"] > 0
+
+
+def test_suite_default_runs_every_algorithm_preset():
+    """The suite's default preset list covers every preset of flowrl.presets: each sampling preset by name and each
+    objective-only preset (GRPO-Guard) composed onto Flow-GRPO, as in its paper."""
+    from benchmarks.suite import DEFAULT_PRESETS
+    from flowrl.presets import PRESETS
+
+    named = {part for p in DEFAULT_PRESETS for part in p.split("+")}
+    assert set(PRESETS) <= named, set(PRESETS) - named
+    assert DEFAULT_PRESETS[0] == "flow_grpo" and "flow_grpo+grpo_guard" in DEFAULT_PRESETS
