@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from flowrl.cli import build_config, main
 from flowrl.trainer import Trainer
-from tests.helpers import save_tiny_sd3
+from tests.helpers import run_train, save_tiny_sd3
 
 FAST = [
     "--prompts_per_step", "2", "--group_size", "2", "--sample_batch_size", "2", "--num_inference_steps", "3",
@@ -57,10 +57,11 @@ def test_bf16_mixed_precision_stays_on_policy_and_exports_fp32_lora(tiny_model, 
     run the same bf16 forwards, so the ratio is still exactly 1; the update is finite and nonzero, and the exported
     LoRA is fp32 (diffusers' loaders cast on load)."""
     out = tmp_path / "run"
-    rc = main(["train", "--pretrained_model_name_or_path", str(tiny_model), "--output_dir", str(out),
-               "--max_train_steps", "2", "--eval_steps", "0", *FAST, "--group_size", "4", "--sample_batch_size", "4",
-               "--mixed_precision", "bf16", "--beta", "0.04"])
-    assert rc == 0
+    # its own process: accelerate's state is per process, and other tests in this one set mixed_precision "no"
+    proc = run_train(["--pretrained_model_name_or_path", str(tiny_model), "--output_dir", str(out),
+                      "--max_train_steps", "2", "--eval_steps", "0", *FAST, "--group_size", "4",
+                      "--sample_batch_size", "4", "--mixed_precision", "bf16", "--beta", "0.04"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
     recs = _metrics(out)
     for r in recs:
         assert r["train/ratio_min"] == 1.0 and r["train/ratio_max"] == 1.0
