@@ -137,8 +137,7 @@ def build_pipeline(arch: Architecture, *, device: str = "cpu", dtype: str = "flo
     return StableDiffusion3Pipeline(
         transformer=transformer, vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=arch.shift),
-        text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=build_tokenizer(arch.clip_tokens),
-        text_encoder_3=te3, tokenizer_3=build_tokenizer(arch.clip_tokens),
+        text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok, text_encoder_3=te3, tokenizer_3=tok,
     )
 
 

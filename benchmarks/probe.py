@@ -218,25 +218,23 @@ def replay(tr, wl: Workload, between=None) -> dict:
             device_sync(tr.device)
             t0, c0 = time.perf_counter(), time.process_time()
             if c.kind == "decode":
+                key = "decode"
                 with torch.no_grad():
                     vae.decode(*c.args, **c.kwargs)
-                device_sync(tr.device)
-                times["decode"] += time.perf_counter() - t0
             elif not c.grad:
+                key = "sampling_forward" if phase == "sampling" else "training_forward_backward"
                 with torch.no_grad(), autocast(), (tr.policy.reference() if c.reference else contextlib.nullcontext()):
                     c.module(*c.args, **c.kwargs)
-                device_sync(tr.device)
-                times["sampling_forward" if phase == "sampling" else "training_forward_backward"] += (
-                    time.perf_counter() - t0)
             else:
+                key = "training_forward_backward"
                 with torch.enable_grad(), autocast():
                     out = c.module(*c.args, **c.kwargs)
                 out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
                 if c.grad_out is None or c.grad_out.shape != out.shape:
                     c.grad_out = torch.full_like(out, 1e-3)
                 out.backward(c.grad_out)
-                device_sync(tr.device)
-                times["training_forward_backward"] += time.perf_counter() - t0
+            device_sync(tr.device)  # the call's queued kernels belong to its time
+            times[key] += time.perf_counter() - t0
             times[f"cpu_{phase}"] += time.process_time() - c0
     for p in tr.params:
         p.grad = None
