@@ -45,10 +45,12 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp))
+        accelerator.save_state(str(tmp))  # every process writes its own files (random_states_{rank}.pkl, shards)
         if per_process is not None:
             per_process(tmp)
-            accelerator.wait_for_everyone()
+        # save_state has no barrier of its own: without this one the main process could rename ``tmp`` while another
+        # process is still writing its RNG state into it (that process then fails, or the checkpoint lacks its file)
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             if extra is not None:
                 extra(tmp)

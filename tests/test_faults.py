@@ -191,6 +191,38 @@ def test_disk_full_mid_save_leaves_nothing_partial_and_the_previous_checkpoint_r
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+class _LateRankAccelerator:
+    """The main process's view of a 2-process job whose rank 1 writes its ``save_state`` file late: the write lands at
+    the next barrier at the latest, as with accelerate's save_state, which has no barrier of its own."""
+
+    is_main_process = True
+
+    def __init__(self):
+        self.pending: list[Path] = []
+
+    def save_state(self, out: str) -> None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "random_states_0.pkl").write_bytes(b"rank0")
+        self.pending.append(Path(out) / "random_states_1.pkl")
+
+    def wait_for_everyone(self) -> None:
+        for f in self.pending:
+            f.write_bytes(b"rank1")  # FileNotFoundError if the main process already renamed the directory away
+        self.pending.clear()
+
+
+def test_checkpoint_rename_waits_for_every_process_files(tmp_path):
+    """Regression (a CI flake): the main process renamed ``.tmp-checkpoint-N`` while rank 1 was still writing its
+    RNG state into it, so rank 1 crashed. Every process's files are now inside the checkpoint when it is renamed."""
+    from flowrl.checkpoint import find_checkpoint, save_checkpoint
+
+    acc = _LateRankAccelerator()
+    final = save_checkpoint(acc, tmp_path, 2, {"step": 2}, total_limit=None)
+    assert final == tmp_path / "checkpoint-2" and find_checkpoint(tmp_path, "latest") == final
+    assert sorted(f.name for f in final.iterdir()) == ["flowrl_state.json", "random_states_0.pkl", "random_states_1.pkl"]
+    assert not (tmp_path / ".tmp-checkpoint-2").exists()
+
+
 KILL_MID_SAVE_RUNNER = textwrap.dedent(
     '''
     """flowrl train, with rank 0 SIGKILLed halfway through writing the trained weights of checkpoint-$FLOWRL_KILL_STEP
