@@ -103,7 +103,8 @@ def batch_gradients(trainer, batches: int, first_step: int = 1000) -> tuple[Tens
         for b, r in enumerate(batch.rollouts):
             sl = slice(b * bs, (b + 1) * bs)
             trainer.micro_batch_loss(r, trainer._conds[b], batch.advantages[sl].to(trainer.device),
-                                     batch.valid[sl].to(trainer.device), scale=1.0 / len(batch.rollouts))
+                                     batch.valid[sl].to(trainer.device), scale=1.0 / len(batch.rollouts),
+                                     uncond=trainer._uncond[b] if trainer._uncond else None)
         vecs.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().detach().cpu()
                                for p in trainer.params]))
         total = sum(w * batch.rewards[n].float() for n, w in trainer.cfg.rewards.items())

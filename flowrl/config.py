@@ -76,6 +76,12 @@ class SamplingConfig:
     """True CFG scale in sampling; None = the model's default (embedded: 3.0; SD3.5 recipes: 4.5)."""
     train_cfg: bool = True
     """Use CFG when rescoring in training too (off = CFG-free training, 'CFG distillation')."""
+    frozen_uncond: bool = False
+    """With ``train_cfg``: train only the conditional CFG branch. Sampling runs the two branches as separate passes
+    and keeps the unconditional velocity of every trained step; training reuses it (no gradient) and recomputes
+    only the conditional pass, so training costs one transformer pass per step instead of two (forward and
+    backward). The policy is then ``v_u(theta_old) + g (v_c(theta) - v_u(theta_old))``: an exact policy gradient
+    of that family, the ratio still exactly 1 on the first pass. Linear plans (``full``, ``window``) only."""
     same_noise_per_group: bool = True
     """All samples of a prompt start from the same initial noise (MixGRPO's shared noise)."""
     antithetic_noise: bool = False
@@ -583,6 +589,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
              f"only, got modality={cfg.modality!r}, plan={p.plan!r}")
         need(g.group_size % 2 == 0,
              f"antithetic_noise pairs a group's samples (eps, -eps): group_size must be even, got {g.group_size}")
+    if cfg.sampling.frozen_uncond:
+        need(cfg.modality == "image" and not branching,
+             f"frozen_uncond keeps the unconditional velocities of the trained steps of a linear rollout: image "
+             f"modality with plan full or window only, got modality={cfg.modality!r}, plan={p.plan!r}")
+        need(s.train_cfg, "frozen_uncond trains the conditional branch of CFG: it needs train_cfg true "
+             "(train_cfg false already trains without the unconditional branch)")
     total = g.prompts_per_step * g.group_size
     need(g.sample_batch_size >= 1 and (branching or total % g.sample_batch_size == 0),
          f"sample_batch_size={g.sample_batch_size} must divide prompts_per_step*group_size={total}")

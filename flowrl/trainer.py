@@ -34,6 +34,7 @@ from .config import ConfigError, TrainConfig, to_dict
 from .embedded import EMBEDDED_MODEL_DIR
 from .evaluate import atomic_write_text, generate, make_grid, save_image_atomic, score_all, summarize
 from .objectives import clipped_surrogate, guard_normalized_log_ratio, kl_to_reference, step_weights
+from .policies.base import combine_cfg
 from .policies.sd3 import read_model_defaults
 from .prompts import load_prompts
 from .seeding import gaussian
@@ -283,7 +284,9 @@ class Trainer:
         t0 = time.time()
         prompts, group_ids, sample_ids = self.step_prompts(step)
         plan = self.plan(self.sigmas, step - 1)
-        self._conds, rollouts, images, pending = [], [], [], []
+        self._conds, self._uncond, rollouts, images, pending = [], [], [], [], []
+        frozen = cfg.sampling.frozen_uncond
+        trained_pos = [k for k, st in enumerate(plan.steps) if st.train]  # positions of the trained steps
         uniq = sorted(set(prompts), key=prompts.index)
         cond_all = self.policy.encode(uniq)  # encode each distinct prompt once per step
         row_of = {p: i for i, p in enumerate(uniq)}
@@ -300,11 +303,20 @@ class Trainer:
                                         * (1 - 2 * (int(i) % 2)) for i in ids]).to(self.device)
                 return torch.stack([gaussian(self.latent_shape, cfg.seed, step, int(i), j) for i in ids]).to(self.device)
 
-            def vel(x_, s_, cond=cond) -> Tensor:
+            uncond_calls: list[Tensor | None] = []  # frozen_uncond: v_u of every velocity call, in plan order
+
+            def vel(x_, s_, cond=cond, rec=uncond_calls) -> Tensor:
                 with self.accelerator.autocast():
-                    return self.policy.velocity(x_, s_, cond, self.guidance)
+                    if not frozen:
+                        return self.policy.velocity(x_, s_, cond, self.guidance)
+                    v_c, v_u, scale = self.policy.cfg_parts(x_, s_, cond, self.guidance)
+                rec.append(v_u)
+                return combine_cfg(v_c, v_u, scale)
 
             r = sample(vel, x, plan, noise_fn)
+            if frozen:  # one velocity call per planned step (samplers.rollout.sample)
+                kept = [uncond_calls[k] for k in trained_pos]
+                self._uncond.append(torch.stack(kept, 1) if kept and kept[0] is not None else None)
             rollouts.append(r)
             images.append(self.policy.decode(r.final))
             self._conds.append(cond)
@@ -366,7 +378,8 @@ class Trainer:
             for b, r in enumerate(batch.rollouts):
                 adv = batch.advantages[b * bs : (b + 1) * bs].to(self.device)
                 valid = batch.valid[b * bs : (b + 1) * bs].to(self.device)
-                stats = self.micro_batch_loss(r, self._conds[b], adv, valid, scale=1.0 / self.accum)
+                stats = self.micro_batch_loss(r, self._conds[b], adv, valid, scale=1.0 / self.accum,
+                                              uncond=self._uncond[b] if self._uncond else None)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
@@ -379,8 +392,12 @@ class Trainer:
         out["optimizer_updates"] = n_updates
         return out
 
-    def micro_batch_loss(self, r: Rollout, cond, adv: Tensor, valid: Tensor, scale: float) -> dict[str, float]:
+    def micro_batch_loss(self, r: Rollout, cond, adv: Tensor, valid: Tensor, scale: float,
+                         uncond: Tensor | None = None) -> dict[str, float]:
         """Backward the clipped surrogate (+ beta KL) of one micro-batch, averaged over its trained steps.
+
+        ``uncond`` ([B, S, *D], ``frozen_uncond``): the unconditional velocities kept at sampling time; the guided
+        velocity is then rebuilt from them and a fresh conditional pass (gradient through that pass only).
 
         With ``ratio_norm`` the clipped ratio is GRPO-Guard's normalised one (against the step mean stored at sampling
         time); ``step_weighting`` multiplies each step's surrogate (not the KL) by its weight (mean 1 over the steps).
@@ -397,8 +414,13 @@ class Trainer:
         for j in range(S):
             x = r.latents[:, j].to(self.device)
             sigma = r.sigmas[j].to(self.device)
-            with self.accelerator.autocast():
-                v = self.policy.velocity(x, sigma, cond, guidance)
+            if uncond is not None:
+                with self.accelerator.autocast():
+                    v_c, _, cfg_scale = self.policy.cfg_parts(x, sigma, cond, guidance, with_uncond=False)
+                v = combine_cfg(v_c, uncond[:, j].to(self.device), cfg_scale)
+            else:
+                with self.accelerator.autocast():
+                    v = self.policy.velocity(x, sigma, cond, guidance)
             rj = dataclasses.replace(r, latents=r.latents.to(self.device), next_latents=r.next_latents.to(self.device))
             log_prob, mean, std = rescore(v, rj, j)
             old_log_prob = r.log_probs[:, j].to(self.device)
@@ -484,7 +506,7 @@ class Trainer:
         m["time/sampling_s"] = t_sample
         m["time/training_s"] = t_train
         cfg_mult = self.policy.passes_per_velocity(self.guidance)
-        train_mult = cfg_mult if cfg.sampling.train_cfg else 1
+        train_mult = cfg_mult if cfg.sampling.train_cfg and not cfg.sampling.frozen_uncond else 1
         n = len(batch.prompts)
         S = batch.rollouts[0].latents.shape[1]
         m["nfe/sampling"] = batch.rollouts[0].nfe * n * cfg_mult  # Rollout.nfe: evaluations per trajectory

@@ -185,6 +185,14 @@ def test_true_cfg_matches_stock_pipeline(flux_schnell):
     stock = pipe(prompts, negative_prompt=["blurry"] * 2, true_cfg_scale=2.0, num_inference_steps=3,
                  max_sequence_length=MAX_SEQ, height=RES, width=RES, latents=latents, output_type="latent").images
     torch.testing.assert_close(stock.float(), r.final, rtol=0, atol=1e-4)
+    # --frozen_uncond's split: the two passes recombine to the same guided velocity; without the negative, one pass
+    from flowrl.policies.base import combine_cfg
+
+    sigma = torch.tensor(0.7)
+    v_c, v_neg, scale = policy.cfg_parts(latents, sigma, cond, 1.0)
+    assert scale == 2.0 and v_neg is not None
+    torch.testing.assert_close(combine_cfg(v_c, v_neg, scale), policy.velocity(latents, sigma, cond, 1.0))
+    assert policy.cfg_parts(latents, sigma, cond, 1.0, with_uncond=False)[1] is None
     plain = pipe(prompts, num_inference_steps=3, max_sequence_length=MAX_SEQ, height=RES, width=RES, latents=latents,
                  output_type="latent").images
     assert float((plain.float() - r.final).abs().max()) > 1e-4

@@ -31,6 +31,14 @@ class Cond:
         return Cond(*(None if t is None else t[idx] for t in dataclasses.astuple(self)))
 
 
+def combine_cfg(v_cond: Tensor, v_uncond: Tensor | None, scale: float) -> Tensor:
+    """Guided velocity ``v_uncond + scale * (v_cond - v_uncond)`` from :meth:`Policy.cfg_parts` (``v_cond`` when there
+    is no unconditional branch). Shapes [B, *D], fp32; the same arithmetic as the policies' ``velocity``."""
+    if v_uncond is None:
+        return v_cond
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
 class Policy(Protocol):
     """What the trainer needs from a model. Shapes: latents [B, *latent_shape] (SD3 [B, C, H, W]; Flux the packed
     [B, S, 4C]); images [B, 3, H', W'] in [0, 1]."""
@@ -38,6 +46,9 @@ class Policy(Protocol):
     def encode(self, prompts: list[str]) -> Cond: ...
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond, guidance_scale: float) -> Tensor: ...
+
+    def cfg_parts(self, x: Tensor, sigma: Tensor, cond: Cond, guidance_scale: float,
+                  with_uncond: bool = True) -> tuple[Tensor, Tensor | None, float]: ...
 
     def decode(self, x: Tensor) -> Tensor: ...
 

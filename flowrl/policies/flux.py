@@ -158,6 +158,24 @@ class FluxPolicy(SD3Policy):
             v = v_neg + self.true_cfg_scale * (v - v_neg)
         return v
 
+    def cfg_parts(self, x: Tensor, sigma: Tensor, cond: Cond, guidance_scale: float = 3.5,
+                  with_uncond: bool = True) -> tuple[Tensor, Tensor | None, float]:
+        """True CFG in parts: ``(v_cond, v_neg, true_cfg_scale)``, guided velocity ``v_neg + s (v_cond - v_neg)``;
+        ``(v, None, 1.0)`` without true CFG. ``with_uncond=False`` skips the negative pass (``None``)."""
+        model = self._ref_model if (self._ref_model is not None and self._use_ref) else self.transformer
+        B = x.shape[0]
+        t = (sigma.float() * 1000).expand(B) if sigma.dim() == 0 else sigma.float() * 1000
+        t = t.to(self.weight_dtype) / 1000
+        guidance = (
+            torch.full([B], float(guidance_scale), device=x.device, dtype=torch.float32)
+            if self.guidance_embeds else None
+        )
+        v = self._flux_forward(model, x, t, guidance, cond.embeds, cond.pooled)
+        if not (self.true_cfg_scale > 1.0 and cond.neg_embeds is not None):
+            return v, None, 1.0
+        v_neg = self._flux_forward(model, x, t, guidance, cond.neg_embeds, cond.neg_pooled) if with_uncond else None
+        return v, v_neg, float(self.true_cfg_scale)
+
     @torch.no_grad()
     def decode(self, x: Tensor) -> Tensor:
         """Packed latents [B, S, 4C] -> images [B, 3, H, W] float32 in [0, 1] (VAE in fp32)."""

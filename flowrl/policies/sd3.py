@@ -235,6 +235,27 @@ class SD3Policy:
         v_u, v_c = v.chunk(2)
         return v_u + guidance_scale * (v_c - v_u)
 
+    def cfg_parts(self, x: Tensor, sigma: Tensor, cond: Cond, guidance_scale: float = 1.0,
+                  with_uncond: bool = True) -> tuple[Tensor, Tensor | None, float]:
+        """The two CFG branches as separate passes: ``(v_cond, v_uncond, g)`` with the guided velocity
+        ``v_uncond + g * (v_cond - v_uncond)`` (:func:`flowrl.policies.base.combine_cfg`).
+
+        Args: as :meth:`velocity`; ``with_uncond=False`` skips the unconditional pass (returns ``None`` for it, the
+        caller holds it). Without CFG (``guidance_scale == 1`` or no negative embeddings) ``(v, None, 1.0)``.
+
+        Returns:
+            [B, C, H, W] fp32 velocities (each from a pass of batch B, so a later conditional pass on the same rows
+            reproduces ``v_cond`` bit for bit) and the scale.
+        """
+        model = self._ref_model if (self._ref_model is not None and self._use_ref) else self.transformer
+        B = x.shape[0]
+        t = (sigma.float() * 1000).expand(B) if sigma.dim() == 0 else sigma.float() * 1000
+        v_c = self._forward(model, x, t, cond.embeds, cond.pooled)
+        if guidance_scale == 1.0 or cond.neg_embeds is None:
+            return v_c, None, 1.0
+        v_u = self._forward(model, x, t, cond.neg_embeds, cond.neg_pooled) if with_uncond else None
+        return v_c, v_u, float(guidance_scale)
+
     _use_ref = False
     default_guidance = 4.5
     """CFG scale used when neither the config nor the model directory gives one (SD3.5 recipes)."""
