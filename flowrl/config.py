@@ -80,8 +80,11 @@ class SamplingConfig:
     """With ``train_cfg``: train only the conditional CFG branch. Sampling runs the two branches as separate passes
     and keeps the unconditional velocity of every trained step; training reuses it (no gradient) and recomputes
     only the conditional pass, so training costs one transformer pass per step instead of two (forward and
-    backward). The policy is then ``v_u(theta_old) + g (v_c(theta) - v_u(theta_old))``: an exact policy gradient
-    of that family, the ratio still exactly 1 on the first pass. Linear plans (``full``, ``window``) only."""
+    backward); the ratio is still exactly 1 on the first pass. The gradient is that of
+    ``v_u(theta_old) + g (v_c(theta) - v_u(theta_old))``: it ignores that the unconditional branch shares the weights
+    and moves with them, so it is a biased estimate of the CFG policy's gradient (on the embedded default, seed 0:
+    training reward rose as fast, `eval` gained +0.010 against +0.037 in 90 steps). Linear plans (``full``,
+    ``window``) only."""
     same_noise_per_group: bool = True
     """All samples of a prompt start from the same initial noise (MixGRPO's shared noise)."""
     antithetic_noise: bool = False
