@@ -286,7 +286,7 @@ class Trainer:
         plan = self.plan(self.sigmas, step - 1)
         self._conds, self._uncond, rollouts, images, pending = [], [], [], [], []
         frozen = cfg.sampling.frozen_uncond
-        trained_pos = [k for k, st in enumerate(plan.steps) if st.train]  # positions of the trained steps
+        trained_pos = {k for k, st in enumerate(plan.steps) if st.train}  # positions of the trained steps
         uniq = sorted(set(prompts), key=prompts.index)
         cond_all = self.policy.encode(uniq)  # encode each distinct prompt once per step
         row_of = {p: i for i, p in enumerate(uniq)}
@@ -303,19 +303,21 @@ class Trainer:
                                         * (1 - 2 * (int(i) % 2)) for i in ids]).to(self.device)
                 return torch.stack([gaussian(self.latent_shape, cfg.seed, step, int(i), j) for i in ids]).to(self.device)
 
-            uncond_calls: list[Tensor | None] = []  # frozen_uncond: v_u of every velocity call, in plan order
+            # frozen_uncond: v_u of the trained steps; sample() makes one velocity call per planned step, in order
+            calls, kept = [0], []
 
-            def vel(x_, s_, cond=cond, rec=uncond_calls) -> Tensor:
+            def vel(x_, s_, cond=cond) -> Tensor:
                 with self.accelerator.autocast():
                     if not frozen:
                         return self.policy.velocity(x_, s_, cond, self.guidance)
                     v_c, v_u, scale = self.policy.cfg_parts(x_, s_, cond, self.guidance)
-                rec.append(v_u)
+                if calls[0] in trained_pos:
+                    kept.append(v_u)
+                calls[0] += 1
                 return combine_cfg(v_c, v_u, scale)
 
             r = sample(vel, x, plan, noise_fn)
-            if frozen:  # one velocity call per planned step (samplers.rollout.sample)
-                kept = [uncond_calls[k] for k in trained_pos]
+            if frozen:
                 self._uncond.append(torch.stack(kept, 1) if kept and kept[0] is not None else None)
             rollouts.append(r)
             images.append(self.policy.decode(r.final))
