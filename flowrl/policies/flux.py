@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Cond
+from .base import Cond, combine_cfg
 from .sd3 import SD3_LORA_TARGETS, SD3_LORA_TARGETS_WITH_FF, SD3Policy
 
 FLUX_LORA_TARGETS = SD3_LORA_TARGETS
@@ -144,19 +144,7 @@ class FluxPolicy(SD3Policy):
         Returns:
             [B, S, 4C] fp32 velocity (``eps - x0`` convention).
         """
-        model = self._ref_model if (self._ref_model is not None and self._use_ref) else self.transformer
-        B = x.shape[0]
-        t = (sigma.float() * 1000).expand(B) if sigma.dim() == 0 else sigma.float() * 1000
-        t = t.to(self.weight_dtype) / 1000
-        guidance = (
-            torch.full([B], float(guidance_scale), device=x.device, dtype=torch.float32)
-            if self.guidance_embeds else None
-        )
-        v = self._flux_forward(model, x, t, guidance, cond.embeds, cond.pooled)
-        if self.true_cfg_scale > 1.0 and cond.neg_embeds is not None:
-            v_neg = self._flux_forward(model, x, t, guidance, cond.neg_embeds, cond.neg_pooled)
-            v = v_neg + self.true_cfg_scale * (v - v_neg)
-        return v
+        return combine_cfg(*self.cfg_parts(x, sigma, cond, guidance_scale))
 
     def cfg_parts(self, x: Tensor, sigma: Tensor, cond: Cond, guidance_scale: float = 3.5,
                   with_uncond: bool = True) -> tuple[Tensor, Tensor | None, float]:
