@@ -12,7 +12,8 @@ Built-ins (registered on import):
   (:mod:`rewards.clip_models`; HPS needs ``pip install 'flowrl[rewards]'``);
 - ``imagereward``: ImageReward on transformers' BLIP modules, from the official ``ImageReward.pt``
   (:mod:`rewards.imagereward`);
-- ``http``: scores from a server, JSON over HTTP (:mod:`rewards.http`).
+- ``http``: scores from a server, JSON over HTTP (:mod:`rewards.http`);
+- ``random``: uniform noise keyed by the image, a null control (:mod:`rewards.null`).
 
 The model-based rewards load their weights lazily (first call), by hub id or local path, onto the GPU when there is
 one unless given a device (:mod:`rewards._models`). :class:`AsyncReward` (:mod:`rewards.executor`) scores in a
@@ -38,6 +39,7 @@ from .text import TEXT_REWARDS, available_text_rewards, get_text_reward, registe
 from .clip_models import Aesthetic, CLIPScore, HPSv2, HPSv21, PickScore
 from .imagereward import ImageReward
 from .http import HttpReward
+from .null import RandomReward
 from .executor import AsyncReward
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "JpegCompressibility",
     "JpegIncompressibility",
     "Reward",
+    "RandomReward",
     "RewardError",
     "SceneVerifier",
     "TEXT_REWARDS",
