@@ -303,7 +303,7 @@ def cmd_eval(argv: list[str]) -> int:
     import contextlib
 
     if a.lora:
-        policy = _policy_with_lora(path, a.lora, defaults)
+        policy = policy_with_lora(path, a.lora, defaults)
         variants = ([("base", True)] if a.compare else []) + [("lora", False)]
     else:
         policy = load_policy(path, lora_rank=None, max_sequence_length=defaults.get("max_sequence_length", 256))
@@ -338,7 +338,7 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
-def _policy_with_lora(path: str, lora_dir: str, defaults: dict):
+def policy_with_lora(path: str, lora_dir: str, defaults: dict):
     """A policy whose adapter matches the saved LoRA's rank/alpha/targets, with the weights loaded."""
     import json as _json
 
@@ -391,7 +391,7 @@ def cmd_sample(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     path = resolve_model_path(a.pretrained_model_name_or_path)
     defaults = read_model_defaults(path) if Path(path).is_dir() else {}
-    policy = (_policy_with_lora(path, a.lora, defaults) if a.lora else
+    policy = (policy_with_lora(path, a.lora, defaults) if a.lora else
               load_policy(path, lora_rank=None, max_sequence_length=defaults.get("max_sequence_length", 256)))
     images, texts, keys = generate(policy, a.prompt, num_steps=a.num_inference_steps,
                                    guidance_scale=a.guidance_scale or defaults.get("guidance_scale", 4.5),

@@ -9,7 +9,7 @@ detects. Conv2d kernels ``[out, in, kh, kw]`` are flattened to ``[out, in*kh*kw]
 kw]`` kernel and ``B`` a 1x1 one, as peft's LoRA Conv2d layer is built.
 
 Per-layer ranks go into the adapter config's ``rank_pattern`` / ``alpha_pattern``, so the file loads into a stock
-pipeline with ``load_lora_weights`` and into :func:`flowrl.cli._policy_with_lora`.
+pipeline with ``load_lora_weights`` and into :func:`flowrl.cli.policy_with_lora`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from flowrl.cli import _policy_with_lora, main
+from flowrl.cli import policy_with_lora, main
 from flowrl.lora_export import extract_lora
 from tests.helpers import save_tiny_sd3
 
@@ -123,5 +123,5 @@ def test_full_finetune_run_writes_a_lora_that_reproduces_it_in_a_stock_pipeline(
     pipe.load_lora_weights(out)
     torch.testing.assert_close(run(pipe.transformer), want, rtol=0, atol=1e-5)
     # flowrl's own loader builds the adapter from the file's per-layer ranks and bias flag
-    policy = _policy_with_lora(str(tiny_model), str(out), {"max_sequence_length": 4})
+    policy = policy_with_lora(str(tiny_model), str(out), {"max_sequence_length": 4})
     torch.testing.assert_close(run(policy.transformer), want, rtol=0, atol=1e-5)
