@@ -92,17 +92,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     if a.images_per_prompt < 1:
         ap.error(f"--images_per_prompt must be >= 1, got {a.images_per_prompt}")
-    from flowrl.cli import policy_with_lora
+    from flowrl.cli import sampling_policy
     from flowrl.evaluate import atomic_write_text, generate
-    from flowrl.policies import load_policy
     from flowrl.policies.sd3 import read_model_defaults
     from flowrl.trainer import resolve_model_path
     from rewards import get_reward
 
     path = resolve_model_path(a.pretrained_model_name_or_path)
     defaults = read_model_defaults(path) if Path(path).is_dir() else {}
-    policy = (policy_with_lora(path, a.lora, defaults) if a.lora else
-              load_policy(path, lora_rank=None, max_sequence_length=defaults.get("max_sequence_length", 256)))
+    policy = sampling_policy(path, a.lora, defaults)
     prompts = single_object_prompts(a.split)
     images, texts, _ = generate(policy, prompts, num_steps=defaults.get("num_inference_steps", 10),
                                 guidance_scale=defaults.get("guidance_scale", 4.5),

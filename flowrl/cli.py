@@ -272,7 +272,6 @@ def cmd_eval(argv: list[str]) -> int:
 
     from .evaluate import generate, make_grid, results_markdown, save_image_atomic, score_all, summarize, write_results
     from .evaluate import atomic_write_text
-    from .policies import load_policy
     from .policies.sd3 import read_model_defaults
     from .prompts import load_prompts
     from .trainer import resolve_model_path
@@ -302,12 +301,8 @@ def cmd_eval(argv: list[str]) -> int:
     guidance = a.guidance_scale or defaults.get("guidance_scale", 4.5)
     import contextlib
 
-    if a.lora:
-        policy = policy_with_lora(path, a.lora, defaults)
-        variants = ([("base", True)] if a.compare else []) + [("lora", False)]
-    else:
-        policy = load_policy(path, lora_rank=None, max_sequence_length=defaults.get("max_sequence_length", 256))
-        variants = [("base", False)]
+    policy = sampling_policy(path, a.lora, defaults)
+    variants = (([("base", True)] if a.compare else []) + [("lora", False)]) if a.lora else [("base", False)]
     out = Path(a.output_dir)
     table, per_image = {}, []
     for label, as_reference in variants:
@@ -336,6 +331,17 @@ def cmd_eval(argv: list[str]) -> int:
     atomic_write_text(out / "per_image.csv", buf.getvalue())
     print(md)
     return 0
+
+
+def sampling_policy(path: str, lora_dir: str | None, defaults: dict):
+    """The policy ``flowrl eval`` and ``flowrl sample`` draw from: the model at ``path``, with the LoRA saved in
+    ``lora_dir`` loaded when one is given (:func:`policy_with_lora`). ``defaults``: the model's
+    ``flowrl_defaults.json`` (its ``max_sequence_length`` is used)."""
+    if lora_dir:
+        return policy_with_lora(path, lora_dir, defaults)
+    from .policies import load_policy
+
+    return load_policy(path, lora_rank=None, max_sequence_length=defaults.get("max_sequence_length", 256))
 
 
 def policy_with_lora(path: str, lora_dir: str, defaults: dict):
@@ -375,7 +381,6 @@ def _first_rank(f: Path, keys: list[str]) -> int:
 
 def cmd_sample(argv: list[str]) -> int:
     from .evaluate import generate, make_grid, save_image_atomic
-    from .policies import load_policy
     from .policies.sd3 import read_model_defaults
     from .trainer import resolve_model_path
 
@@ -391,8 +396,7 @@ def cmd_sample(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     path = resolve_model_path(a.pretrained_model_name_or_path)
     defaults = read_model_defaults(path) if Path(path).is_dir() else {}
-    policy = (policy_with_lora(path, a.lora, defaults) if a.lora else
-              load_policy(path, lora_rank=None, max_sequence_length=defaults.get("max_sequence_length", 256)))
+    policy = sampling_policy(path, a.lora, defaults)
     images, texts, keys = generate(policy, a.prompt, num_steps=a.num_inference_steps,
                                    guidance_scale=a.guidance_scale or defaults.get("guidance_scale", 4.5),
                                    resolution=defaults.get("resolution", 512), seed=a.seed,

@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-__all__ = ["Reward", "RewardError", "evaluate_reward", "reward_name"]
+__all__ = ["Reward", "RewardError", "evaluate_reward", "quantize_uint8", "reward_name"]
 
 
 class RewardError(ValueError):
@@ -95,6 +95,12 @@ class Reward:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def quantize_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float ``[B, 3, H, W]`` in ``[0, 1]`` -> uint8 ``[B, 3, H, W]`` on the CPU, as ``round(255 x)`` clipped to
+    ``[0, 255]``: the pixels an image file of the sample would hold (what the JPEG, HTTP and random rewards see)."""
+    return (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8).cpu()
 
 
 def reward_name(reward: Any) -> str:

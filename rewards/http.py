@@ -53,7 +53,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .base import Reward, RewardError
+from .base import Reward, RewardError, quantize_uint8
 from .registry import register_reward
 
 __all__ = ["HttpReward", "encode_png_base64", "URL_ENV_VAR"]
@@ -66,9 +66,8 @@ def encode_png_base64(images: torch.Tensor) -> list[str]:
     """Each image of float ``[B, 3, H, W]`` in ``[0, 1]`` as a base64 PNG (quantised as ``round(255 x)``)."""
     from PIL import Image
 
-    pixels = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
     out = []
-    for arr in pixels.permute(0, 2, 3, 1).cpu().numpy():
+    for arr in quantize_uint8(images).permute(0, 2, 3, 1).numpy():
         buffer = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(arr)).save(buffer, format="PNG")
         out.append(base64.b64encode(buffer.getvalue()).decode("ascii"))

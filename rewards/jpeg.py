@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import Reward
+from .base import Reward, quantize_uint8
 from .registry import register_reward
 
 __all__ = [
@@ -44,8 +44,7 @@ def jpeg_size_kb(images: torch.Tensor, quality: int = JPEG_QUALITY) -> torch.Ten
     Returns:
         float32 ``[B]`` on ``images.device``.
     """
-    pixels = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
-    pixels = np.ascontiguousarray(pixels.permute(0, 2, 3, 1).cpu().numpy())
+    pixels = np.ascontiguousarray(quantize_uint8(images).permute(0, 2, 3, 1).numpy())
     sizes = np.empty(len(pixels), np.float32)
     for i, arr in enumerate(pixels):
         buffer = io.BytesIO()
