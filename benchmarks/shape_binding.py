@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from rewards import scenes
-from rewards.scene_verifier import detect
+from rewards.scene_verifier import SceneVerifier
 
 
 def shape_confusion(images: torch.Tensor, prompts: Sequence[str]) -> dict:
-    """Shape confusion of single-object prompts.
+    """Shape confusion of single-object prompts, from one pass of the ``scenes`` verifier.
 
     Args:
         images: float ``[N, 3, H, W]`` in ``[0, 1]``.
@@ -42,28 +42,32 @@ def shape_confusion(images: torch.Tensor, prompts: Sequence[str]) -> dict:
 
     Returns:
         ``{"confusion": {asked: {drawn: p}}, "tally": {asked: {drawn: count}}, "binding": float,
-        "objects_per_image": float}`` (a row with no detected object is all ``NaN``, and ``binding`` then too).
+        "objects_per_image": float, "score": float}`` (``score`` = the mean ``scenes`` score; a row with no
+        detected object is all ``NaN``, and ``binding`` then too).
     """
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
-    tally = {s: Counter() for s in scenes.SHAPES}
-    n_objects = 0
-    pixels = (images.detach().float().clamp(0, 1) * 255).permute(0, 2, 3, 1).cpu().numpy()
-    for image, prompt in zip(pixels, prompts):
+    asked = []
+    for prompt in prompts:
         spec = scenes.parse_prompt(prompt)
         if spec.kind != "count" or spec.objects[0].count != 1:
             raise ValueError(f"prompt {prompt!r} is not a single object ('a <colour> <shape>')")
-        obj = spec.objects[0]
-        found = [d.shape for d in detect(image) if d.color == obj.color]
+        asked.append(spec.objects[0])
+    verdicts = SceneVerifier().verdicts(images, prompts)
+    tally = {s: Counter() for s in scenes.SHAPES}
+    n_objects = 0
+    for obj, verdict in zip(asked, verdicts):
+        found = [d.shape for d in verdict.detections if d.color == obj.color]
         tally[obj.shape].update(found)
         n_objects += len(found)
     confusion = {}
-    for asked, row in tally.items():
+    for shape, row in tally.items():
         total = sum(row.values())
-        confusion[asked] = {d: (row[d] / total if total else float("nan")) for d in scenes.SHAPES}
+        confusion[shape] = {d: (row[d] / total if total else float("nan")) for d in scenes.SHAPES}
     gaps = [confusion[s][s] - float(np.mean([confusion[o][s] for o in scenes.SHAPES if o != s])) for s in scenes.SHAPES]
     return {"confusion": confusion, "tally": {a: {d: row[d] for d in scenes.SHAPES} for a, row in tally.items()},
-            "binding": float(np.mean(gaps)), "objects_per_image": n_objects / max(1, len(prompts))}
+            "binding": float(np.mean(gaps)), "objects_per_image": n_objects / max(1, len(prompts)),
+            "score": float(np.mean([v.soft for v in verdicts])) if verdicts else float("nan")}
 
 
 def single_object_prompts(split: str = "train") -> list[str]:
@@ -96,7 +100,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from flowrl.evaluate import atomic_write_text, generate
     from flowrl.policies.sd3 import read_model_defaults
     from flowrl.trainer import resolve_model_path
-    from rewards import get_reward
 
     path = resolve_model_path(a.pretrained_model_name_or_path)
     defaults = read_model_defaults(path) if Path(path).is_dir() else {}
@@ -107,8 +110,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                 resolution=defaults.get("resolution", 512), seed=a.seed,
                                 images_per_prompt=a.images_per_prompt)
     result = shape_confusion(images, texts)
-    scores, _ = get_reward("scenes").score(images, texts)
-    result.update(score=float(scores.mean()), n_images=len(texts), model=a.pretrained_model_name_or_path,
+    result.update(n_images=len(texts), model=a.pretrained_model_name_or_path,
                   lora=a.lora, split=a.split, seed=a.seed)
     out = Path(a.out)
     atomic_write_text(out / "shape_binding.json", json.dumps(result, indent=2))
