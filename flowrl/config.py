@@ -189,6 +189,20 @@ class GRPOConfig:
     sft_weight: float = 0.0
     """``tree`` plan: lambda of the LayerTuning SFT term lambda * sum_t w_t ||v(x_t) - v*_t||^2 toward the tree's
     best path (0 = off)."""
+    objective: Literal["grpo", "nft"] = "grpo"
+    """``grpo``: the clipped surrogate on the stored SDE transitions (Flow-GRPO and its variants). ``nft``:
+    DiffusionNFT (arXiv 2509.16117, flowrl.objectives.nft_loss): advantage-signed flow matching on the sampled clean
+    images at fresh forward-process points, no log-probs; the plan's SDE steps then only add diversity, and any
+    trained-step option of the surrogate (ratio_norm, step_weighting, frozen_uncond, clip ranges) does not apply."""
+    nft_beta: float = 1.0
+    """``nft``: beta of the implicit policies v± = v_old ± beta (v - v_old) (the paper's default 1)."""
+    nft_timesteps: int = 4
+    """``nft``: forward-process points (t, eps) per sample and pass; t ~ U(nft_t_min, nft_t_max), both drawn from
+    (seed, iteration, sample id, point), so they do not depend on batch layout and a resumed run redraws them."""
+    nft_t_min: float = 0.0
+    """``nft``: lower end of the t range."""
+    nft_t_max: float = 1.0
+    """``nft``: upper end of the t range (1 = pure noise)."""
     advantage_variant: Literal["group", "ngrpo"] = "group"
     """Modality-agnostic advantage variant (flowrl.advantages.variant_advantages), image and text trainers:
     ``group`` = (r - mean)/std per group; ``ngrpo`` = NGRPO, a virtual ngrpo_r_max sample joins each group's stats."""
@@ -606,6 +620,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(g.beta >= 0, f"beta must be >= 0, got {g.beta}")
     need(g.adv_clip_max > 0, f"adv_clip_max must be > 0, got {g.adv_clip_max}")
     need(g.num_inner_epochs >= 1, f"num_inner_epochs must be >= 1, got {g.num_inner_epochs}")
+    if g.objective == "nft":
+        for name, on in (("ratio_norm", g.ratio_norm), ("step_weighting", g.step_weighting != "uniform"),
+                         ("frozen_uncond", s.frozen_uncond)):
+            need(not on, f"{name} acts on the clipped surrogate's trained SDE steps; objective='nft' trains on "
+                         f"forward-process points of the clean samples: turn {name} off or use objective='grpo'")
+        need(cfg.modality == "image" and not branching,
+             f"objective='nft' is implemented for the linear plans (full, window) of the image trainer, got "
+             f"modality={cfg.modality!r}, plan={p.plan!r}")
+        need(g.nft_beta > 0, f"nft_beta must be > 0, got {g.nft_beta}")
+        need(g.nft_timesteps >= 1, f"nft_timesteps must be >= 1, got {g.nft_timesteps}")
+        need(0 <= g.nft_t_min < g.nft_t_max <= 1,
+             f"need 0 <= nft_t_min < nft_t_max <= 1, got nft_t_min={g.nft_t_min}, nft_t_max={g.nft_t_max}")
     need(not (g.ratio_norm and p.step_kind == "cps"),
          "ratio_norm (GRPO-Guard) needs a Gaussian step log-prob, but step_kind='cps' is scored with the reference's "
          "variance-free log p = -mean((x' - mean)^2), for which s*(log r + mean(dmean^2)/(2 s^2)) is not "

@@ -2,6 +2,7 @@
 
 References: Flow-GRPO (arXiv 2505.05470), DAPO clip-higher (arXiv 2503.14476), GRPO-Guard (arXiv 2510.22319),
 TempFlow-GRPO (arXiv 2508.04324), Dynamic-TreeRPO (arXiv 2509.23352). Formulas as written in ``ALGORITHMS.md``.
+DiffusionNFT (arXiv 2509.16117), a likelihood-free objective on the forward process: :func:`nft_loss`.
 
 Conventions
 -----------
@@ -37,6 +38,7 @@ __all__ = [
     "grpo_loss",
     "kl_k3",
     "kl_weight_schedule",
+    "nft_loss",
 ]
 
 Reduction = Literal["mean", "sum"]
@@ -421,6 +423,92 @@ def grpo_loss(
         kl_mean = torch.where(mk, kl, torch.zeros_like(kl)).sum() / mk.sum().clamp_min(1)
     stats["kl"] = kl_mean.detach()
     return policy_loss + beta * kl_mean, stats
+
+
+def nft_loss(
+    v: Tensor,
+    v_old: Tensor,
+    x_t: Tensor,
+    x0: Tensor,
+    t: Tensor,
+    advantages: Tensor,
+    *,
+    beta: float = 1.0,
+    adv_clip_max: float = 5.0,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """DiffusionNFT's negative-aware flow-matching loss (arXiv 2509.16117, Eq. 8, in x0 space with the
+    self-normalised weight of the public implementations), per forward-noised sample ``x_t = (1 - t) x0 + t eps``.
+
+    The optimality probability of a sample is ``r = 1/2 + clip(A, -A_max, A_max) / (2 A_max)`` in [0, 1]. The
+    trained velocity ``v`` defines an implicit positive and negative policy around the sampling policy's ``v_old``:
+    ``v+ = (1 - beta) v_old + beta v``, ``v- = (1 + beta) v_old - beta v``. Each predicts a clean image
+    ``x^± = x_t - t v±``, and
+
+        ``l± = mean_elements((x^± - x0)²) / sg(mean_elements(|x^± - x0|))``,
+        ``L = mean_valid[(r l+ + (1 - r) l-)] · A_max / beta``.
+
+    Positive samples pull ``v+`` toward their own clean image, negative ones pull ``v-`` toward theirs, which pushes
+    ``v`` away. At ``v = v_old`` (the first, on-policy pass) the gradient with respect to ``v`` per sample is
+    ``-2 t clip(A) (x^ - x0) / (n |x^ - x0|_mean)`` (n = elements per sample): an advantage-signed regression toward
+    the sample, whose zero-mean advantages cancel the plain self-fit within each group. ``beta`` sets how far the
+    implicit policies move per unit change of ``v`` (a trust-region scale: the loss is quadratic in ``v - v_old``).
+
+    Args:
+        v: ``[B, *D]`` trained velocity at ``(x_t, t)`` (``eps - x0`` convention; any float dtype).
+        v_old: same shape, the sampling policy's velocity at the same point (a constant; pass ``v.detach()`` on the
+            first pass after sampling).
+        x_t: ``[B, *D]`` the forward-noised input; x0: ``[B, *D]`` the sampled clean latents.
+        t: ``[B]`` or 0-dim noise levels in [0, 1].
+        advantages: ``[B]`` (any scale; clipped to ``+-adv_clip_max``).
+        beta: > 0. adv_clip_max: ``A_max`` > 0.
+        mask: ``[B]`` bool; False rows are left out (zero-std groups).
+
+    Returns:
+        ``(loss, stats)``: loss 0-dim; stats ``nft_pos_loss`` / ``nft_neg_loss`` (mean ``l+`` / ``l-`` over valid
+        rows), ``nft_r_mean`` (mean r), ``nft_x0_err`` (mean |x^+ - x0| over valid rows).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if adv_clip_max <= 0:
+        raise ValueError(f"adv_clip_max must be > 0, got {adv_clip_max}")
+    for name, x in (("v_old", v_old), ("x_t", x_t), ("x0", x0)):
+        if x.shape != v.shape:
+            raise ValueError(f"{name} shape {tuple(x.shape)} != v shape {tuple(v.shape)}")
+    B = v.shape[0]
+    dtype = _compute_dtype(v)
+    tb = torch.as_tensor(t, device=v.device).to(dtype)
+    if tb.dim() == 0:
+        tb = tb.expand(B)
+    if tb.shape != (B,):
+        raise ValueError(f"t must be 0-dim or [{B}], got shape {tuple(tb.shape)}")
+    if advantages.shape != (B,):
+        raise ValueError(f"advantages must be [{B}], got shape {tuple(advantages.shape)}")
+    tb = tb.view(B, *[1] * (v.dim() - 1))
+    v, old = v.to(dtype), v_old.detach().to(dtype)
+    xt, x0 = x_t.detach().to(dtype), x0.detach().to(dtype)
+    r = advantages.detach().to(dtype).clamp(-adv_clip_max, adv_clip_max) / (2 * adv_clip_max) + 0.5
+    m = torch.ones(B, dtype=torch.bool, device=v.device) if mask is None else mask.to(torch.bool)
+
+    def side(v_side: Tensor) -> tuple[Tensor, Tensor]:
+        err = xt - tb * v_side - x0
+        scale = _reduce_trailing(err.detach().abs(), 1, "mean").clamp_min(1e-5)
+        return _reduce_trailing(err.square(), 1, "mean") / scale, scale
+
+    l_pos, err_pos = side((1 - beta) * old + beta * v)
+    l_neg, _ = side((1 + beta) * old - beta * v)
+    per = (r * l_pos + (1 - r) * l_neg) * (adv_clip_max / beta)
+    n_valid = m.sum().clamp_min(1).to(dtype)
+    loss = torch.where(m, per, torch.zeros_like(per)).sum() / n_valid
+    with torch.no_grad():
+        mf = m.to(dtype)
+        stats = {
+            "nft_pos_loss": (l_pos.detach() * mf).sum() / n_valid,
+            "nft_neg_loss": (l_neg.detach() * mf).sum() / n_valid,
+            "nft_r_mean": (r * mf).sum() / n_valid,
+            "nft_x0_err": (err_pos * mf).sum() / n_valid,
+        }
+    return loss, stats
 
 
 def kl_k3(log_prob: Tensor, ref_log_prob: Tensor) -> Tensor:

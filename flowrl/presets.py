@@ -89,6 +89,16 @@ PRESETS: dict[str, dict] = {
         "grpo": {"ratio_norm": True, "step_weighting": "guard", "clip_range": 2e-6, "beta": 0.0},
         "optim": {"gradient_accumulation_steps": 1},
     },
+    "diffusion_nft": {
+        "_doc": "DiffusionNFT (arXiv 2509.16117): advantage-signed flow matching on the clean samples at 4 fresh "
+        "forward-process points each (t ~ U(0, 1), beta 1), no log-probs; CFG-free (guidance 1) as in the paper; "
+        "objective only otherwise: the plan's SDE steps just add diversity.",
+        # The public implementation samples with an EMA-lagged copy of the trained weights ("old" policy, soft update);
+        # flowrl samples with the current weights, and with one update per iteration (the default) v_old = v exactly
+        # on the single pass; with several updates per iteration v_old is computed before the first (Trainer.update).
+        "grpo": {"objective": "nft", "nft_beta": 1.0, "nft_timesteps": 4, "nft_t_min": 0.0, "nft_t_max": 1.0},
+        "sampling": {"guidance_scale": 1.0},
+    },
     # ------------------------------------------------------------------------------------------ branching plans
     # group_size = roots per prompt (seeds / anchors / trees); the advantage groups are siblings (samplers.branching).
     "tempflow_grpo": {

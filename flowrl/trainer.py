@@ -4,7 +4,9 @@ export. Read top to bottom; the math lives in :mod:`samplers`, :mod:`flowrl.adva
 One *step* is one iteration: ``prompts_per_step x group_size`` trajectories sampled with the current policy, scored,
 turned into advantages, then ``num_inner_epochs`` passes of clipped-surrogate updates over the stored transitions
 (by default one optimizer update per step; ``gradient_accumulation_steps`` splits it). Micro-batches in training are
-exactly the sampling batches, so the first, on-policy pass has ratio exactly 1.
+exactly the sampling batches, so the first, on-policy pass has ratio exactly 1. With ``objective: nft``
+(DiffusionNFT) the update is instead advantage-signed flow matching on the sampled clean images
+(:meth:`Trainer.nft_micro_batch_loss`).
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ from .checkpoint import find_checkpoint, save_checkpoint, truncate_metrics
 from .config import ConfigError, TrainConfig, to_dict
 from .embedded import EMBEDDED_MODEL_DIR
 from .evaluate import atomic_write_text, generate, make_grid, save_image_atomic, score_all, summarize
-from .objectives import clipped_surrogate, guard_normalized_log_ratio, kl_to_reference, step_weights
+from .objectives import (clipped_surrogate, guard_normalized_log_ratio, kl_to_reference, kl_velocity, nft_loss,
+                         step_weights)
 from .policies.base import combine_cfg
 from .policies.sd3 import read_model_defaults
 from .prompts import load_prompts
-from .seeding import gaussian
+from .seeding import derive_seed, gaussian, gaussians
 
 
 
@@ -72,6 +75,7 @@ class Batch:
     advantages: Tensor
     zero_std: Tensor
     valid: Tensor
+    sample_ids: Tensor | None = None  # global sample ids (seeding of the nft objective's forward-process points)
 
 
 class Trainer:
@@ -342,6 +346,7 @@ class Trainer:
             advantages=clip_advantages(adv.advantages[mine], g.adv_clip_max),
             zero_std=adv.zero_std[mine],
             valid=adv.valid[mine],
+            sample_ids=sample_ids,
         )
         return batch, time.time() - t0
 
@@ -375,13 +380,23 @@ class Trainer:
         count = 0
         n_updates = 0
         bs = g.sample_batch_size
+        nft = g.objective == "nft"
+        if nft:  # the sampling policy's velocities: needed as constants once the weights move within the step
+            points = [self.nft_points(batch.rollouts[b].final, batch.sample_ids[b * bs : (b + 1) * bs])
+                      for b in range(len(batch.rollouts))]
+            v_old = [self.nft_old_velocities(p, self._conds[b]) if self.nft_needs_old else None
+                     for b, p in enumerate(points)]
         for _epoch in range(g.num_inner_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             for b, r in enumerate(batch.rollouts):
                 adv = batch.advantages[b * bs : (b + 1) * bs].to(self.device)
                 valid = batch.valid[b * bs : (b + 1) * bs].to(self.device)
-                stats = self.micro_batch_loss(r, self._conds[b], adv, valid, scale=1.0 / self.accum,
-                                              uncond=self._uncond[b] if self._uncond else None)
+                if nft:
+                    stats = self.nft_micro_batch_loss(points[b], self._conds[b], adv, valid, 1.0 / self.accum,
+                                                      v_old[b])
+                else:
+                    stats = self.micro_batch_loss(r, self._conds[b], adv, valid, scale=1.0 / self.accum,
+                                                  uncond=self._uncond[b] if self._uncond else None)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
@@ -461,6 +476,68 @@ class Trainer:
                 stats[f"_gn/step{int(r.step_indices[j])}"] = gn / (scaler.get_scale() if scaler is not None else 1.0)
         return stats
 
+    # ------------------------------------------------------------------------------------------------ nft objective
+    @property
+    def nft_needs_old(self) -> bool:
+        """Whether the weights move before the last micro-batch's first pass (inner epochs, or several updates per
+        step): then the sampling policy's velocities are computed up front; otherwise ``v.detach()`` is exact."""
+        return self.cfg.grpo.num_inner_epochs > 1 or self.accum < self.n_micro
+
+    def nft_points(self, x0: Tensor, ids: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """The ``nft_timesteps`` forward-process points of a micro-batch: ``[(t [B], x_t [B, *D], x0 [B, *D])]``.
+
+        ``t ~ U(nft_t_min, nft_t_max)`` and ``eps ~ N(0, I)`` per (seed, iteration, global sample id, point), five
+        ids, a stream apart from the sampler's four-id noise; ``x_t = (1 - t) x0 + t eps`` (rectified flow).
+        """
+        g = self.cfg.grpo
+        x0 = x0.to(self.device)
+        out = []
+        for j in range(g.nft_timesteps):
+            rows = [(self.cfg.seed, self.step, int(i), j, 0) for i in ids]
+            eps = gaussians(tuple(x0.shape[1:]), rows).to(self.device)
+            u = torch.tensor([np.random.default_rng(derive_seed(self.cfg.seed, self.step, int(i), j, 1)).random()
+                              for i in ids], dtype=torch.float32, device=self.device)
+            t = g.nft_t_min + (g.nft_t_max - g.nft_t_min) * u
+            tt = t.view(-1, *[1] * (x0.dim() - 1))
+            out.append((t, (1 - tt) * x0 + tt * eps, x0))
+        return out
+
+    def _nft_velocity(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
+        guidance = self.guidance if self.cfg.sampling.train_cfg else 1.0
+        with self.accelerator.autocast():
+            return self.policy.velocity(x_t, t, cond, guidance)
+
+    @torch.no_grad()
+    def nft_old_velocities(self, points, cond) -> list[Tensor]:
+        """The sampling policy's velocities at ``points`` (one no-grad pass per point)."""
+        return [self._nft_velocity(x_t, t, cond).float() for t, x_t, _ in points]
+
+    def nft_micro_batch_loss(self, points, cond, adv: Tensor, valid: Tensor, scale: float,
+                             v_old: list[Tensor] | None) -> dict[str, float]:
+        """Backward DiffusionNFT's loss (+ beta times the velocity distance to the reference) of one micro-batch,
+        averaged over its forward-process points (:func:`flowrl.objectives.nft_loss`)."""
+        g = self.cfg.grpo
+        K = len(points)
+        stats: dict[str, float] = {}
+        for j, (t, x_t, x0) in enumerate(points):
+            v = self._nft_velocity(x_t, t, cond)
+            old = v.detach() if v_old is None else v_old[j]
+            loss, st = nft_loss(v, old, x_t, x0, t, adv, beta=g.nft_beta, adv_clip_max=g.adv_clip_max, mask=valid)
+            if g.beta > 0:
+                with torch.no_grad(), self.policy.reference():
+                    v_ref = self._nft_velocity(x_t, t, cond)
+                kl = kl_velocity(v, v_ref)
+                kl_mean = (kl * valid).sum() / valid.sum().clamp_min(1)
+                loss = loss + g.beta * kl_mean
+                st["kl"] = kl_mean.detach()
+            st["loss"] = loss.detach()
+            if self.skip_nonfinite(loss, f"nft point {j}"):
+                continue
+            backward(self.accelerator, self._prepared, loss * scale / K)
+            for k, val in st.items():
+                stats[k] = stats.get(k, 0.0) + float(val) / K
+        return stats
+
     def skip_nonfinite(self, loss: Tensor, where: str) -> bool:
         """True when ``loss`` is NaN/inf on any process: see :func:`skip_nonfinite_loss`."""
         return skip_nonfinite_loss(self, loss, where)
@@ -510,9 +587,14 @@ class Trainer:
         cfg_mult = self.policy.passes_per_velocity(self.guidance)
         train_mult = cfg_mult if cfg.sampling.train_cfg and not cfg.sampling.frozen_uncond else 1
         n = len(batch.prompts)
-        S = batch.rollouts[0].latents.shape[1]
         m["nfe/sampling"] = batch.rollouts[0].nfe * n * cfg_mult  # Rollout.nfe: evaluations per trajectory
-        m["nfe/training"] = n * S * train_mult * cfg.grpo.num_inner_epochs * (2 if cfg.grpo.beta > 0 else 1)
+        g = cfg.grpo
+        if g.objective == "nft":  # per point: a pass per inner epoch (+ the reference's), + the up-front v_old pass
+            passes = g.num_inner_epochs * (2 if g.beta > 0 else 1) + (1 if self.nft_needs_old else 0)
+            m["nfe/training"] = n * g.nft_timesteps * train_mult * passes
+        else:
+            S = batch.rollouts[0].latents.shape[1]
+            m["nfe/training"] = n * S * train_mult * g.num_inner_epochs * (2 if g.beta > 0 else 1)
         return m
 
     def reward_metrics(self, rewards: dict[str, Tensor]) -> dict:

@@ -47,7 +47,7 @@ def _metrics(out: Path) -> list[dict]:
 def test_every_preset_is_tested():
     from tests.test_branching import BRANCHING_PRESETS  # trained end to end in tests/test_branching.py
 
-    assert set(EXPECTED) | set(BRANCHING_PRESETS) == set(PRESETS)
+    assert set(EXPECTED) | set(BRANCHING_PRESETS) | {"diffusion_nft"} == set(PRESETS)  # nft: tests/test_nft_train.py
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
