@@ -60,8 +60,10 @@ from benchmarks.common import (
 
 DEFAULT_PRESETS = (
     "flow_grpo", "flow_grpo_fast", "flow_grpo_cps", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star", "dance_grpo",
-    "flow_grpo+grpo_guard", "tempflow_grpo", "g2rpo", "dynamic_treerpo",
+    "flow_grpo+grpo_guard", "tempflow_grpo", "g2rpo", "dynamic_treerpo", "diffusion_nft",
 )
+"""``diffusion_nft`` samples, trains and evaluates CFG-free as in its paper, so its "before" differs from the others'
+(each preset's gain is against its own before)."""
 SECTIONS = ("presets", "overhead", "memory", "scaling")
 
 FULL = {"seeds": "0,1,2", "max_train_steps": 20, "eval_every": 5, "eval_prompts": 0, "eval_images_per_prompt": 2,
