@@ -75,3 +75,30 @@ def nan_losses(monkeypatch, module, name: str, which) -> dict:
 
     monkeypatch.setattr(module, name, fake)
     return calls
+
+
+def train_interrupted_then_resumed(monkeypatch, argv: list[str], stop_after_step: int) -> None:
+    """Train ``argv`` (flowrl train flags with --output_dir) in this process, die right after checkpoint
+    ``stop_after_step`` is complete, then run again with ``--resume_from_checkpoint latest`` to the end."""
+    from flowrl.cli import build_config
+    from flowrl.trainer import Trainer
+
+    class Interrupt(Exception):
+        pass
+
+    save = Trainer.save_checkpoint
+
+    def save_then_die(self):
+        path = save(self)
+        if self.step == stop_after_step:
+            raise Interrupt  # the process dies right after the checkpoint is complete
+        return path
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+    try:
+        Trainer(build_config(argv)).train()
+        raise AssertionError(f"the run did not reach checkpoint-{stop_after_step}")
+    except Interrupt:
+        pass
+    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    Trainer(build_config(["--resume_from_checkpoint", "latest", *argv])).train()

@@ -15,7 +15,7 @@ import flowrl.trainer as trainer_mod
 from flowrl.cli import build_config, main
 from flowrl.config import ConfigError
 from flowrl.trainer import Trainer
-from tests.helpers import save_tiny_sd3
+from tests.helpers import train_interrupted_then_resumed, save_tiny_sd3
 
 FAST = [
     "--prompts_per_step", "2", "--group_size", "2", "--sample_batch_size", "2", "--num_inference_steps", "3",
@@ -45,22 +45,7 @@ def test_nft_trains_logs_and_resumes_exactly(tiny_model, tmp_path, monkeypatch):
         assert r["nfe/training"] == 16
     assert any(r["train/grad_norm"] > 0 for r in recs)
 
-    class Interrupt(Exception):
-        pass
-
-    save = Trainer.save_checkpoint
-
-    def save_then_die(self):
-        path = save(self)
-        if self.step == 2:
-            raise Interrupt
-        return path
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
-    with pytest.raises(Interrupt):
-        Trainer(build_config(["--output_dir", str(tmp_path / "b"), *args])).train()
-    monkeypatch.setattr(Trainer, "save_checkpoint", save)
-    Trainer(build_config(["--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "latest", *args])).train()
+    train_interrupted_then_resumed(monkeypatch, ["--output_dir", str(tmp_path / "b"), *args], stop_after_step=2)
     a = load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)

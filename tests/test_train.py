@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from flowrl.cli import build_config, main
 from flowrl.trainer import Trainer
-from tests.helpers import run_train, save_tiny_sd3
+from tests.helpers import train_interrupted_then_resumed, run_train, save_tiny_sd3
 
 FAST = [
     "--prompts_per_step", "2", "--group_size", "2", "--sample_batch_size", "2", "--num_inference_steps", "3",
@@ -75,24 +75,7 @@ def test_resume_is_exact(tiny_model, tmp_path, monkeypatch):
     args = ["--pretrained_model_name_or_path", str(tiny_model), "--max_train_steps", "4", "--checkpointing_steps", "2",
             "--eval_steps", "0", "--lr_scheduler", "cosine", *FAST]
     Trainer(build_config(["--output_dir", str(tmp_path / "a"), *args])).train()
-
-    class Interrupt(Exception):
-        pass
-
-    save = Trainer.save_checkpoint
-
-    def save_then_die(self):
-        path = save(self)
-        if self.step == 2:
-            raise Interrupt  # the process dies right after checkpoint-2 is complete
-        return path
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
-    with pytest.raises(Interrupt):
-        Trainer(build_config(["--output_dir", str(tmp_path / "b"), *args])).train()
-    monkeypatch.setattr(Trainer, "save_checkpoint", save)
-    Trainer(build_config(["--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "latest", *args])).train()
-
+    train_interrupted_then_resumed(monkeypatch, ["--output_dir", str(tmp_path / "b"), *args], stop_after_step=2)
     a = load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys()
