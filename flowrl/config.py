@@ -8,6 +8,7 @@ unique across sections). Every error names the bad key or value and what is allo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import types
 import typing
@@ -487,20 +488,23 @@ def _describe(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def leaf_index() -> dict[str, tuple[str | None, str, Any]]:
-    """flag name -> (section or None, field, annotation) for every leaf field."""
+    """flag name -> (section or None, field, annotation) for every leaf field (a fresh copy of a cached table)."""
+    return dict(_leaf_table())
+
+
+@functools.cache
+def _leaf_table() -> dict[str, tuple[str | None, str, Any]]:
+    # Resolving the string annotations (typing.get_type_hints) costs ~0.3 s per call: done once per class, not per key.
     out: dict[str, tuple[str | None, str, Any]] = {}
-    top = _hints(TrainConfig)
+    top = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in SECTIONS:
-            for g in dataclasses.fields(getattr(TrainConfig, "__dataclass_fields__")[f.name].default_factory()):
-                sec_cls = type(getattr(TrainConfig(), f.name))
+            sec_cls = type(f.default_factory())
+            hints = typing.get_type_hints(sec_cls)
+            for g in dataclasses.fields(sec_cls):
                 assert g.name not in out, f"duplicate leaf {g.name}"
-                out[g.name] = (f.name, g.name, _hints(sec_cls)[g.name])
+                out[g.name] = (f.name, g.name, hints[g.name])
         else:
             out[f.name] = (None, f.name, top[f.name])
     return out
