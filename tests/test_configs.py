@@ -36,3 +36,24 @@ def test_no_and_off_reach_string_choices_as_written(tmp_path):
     assert build_config(["--config", str(y)]).model.mixed_precision == "no"
     with pytest.raises(ConfigError, match=r"mixed_precision = True has the wrong type; expected one of 'no', 'fp16'"):
         build_config(["--mixed_precision", "yes"])
+
+
+def test_leaf_index_names_every_leaf_once_with_its_resolved_type_and_hands_out_copies():
+    """The flag table (cached: resolving the annotations per key made every build_config take seconds) covers every
+    section field with its real annotation, not the string one, and a caller's edits do not reach the cache."""
+    import dataclasses
+    import typing
+
+    from flowrl.config import SECTIONS, GRPOConfig, TrainConfig, leaf_index
+
+    index = leaf_index()
+    cfg = TrainConfig()
+    expected = {f.name for f in dataclasses.fields(TrainConfig) if f.name not in SECTIONS}
+    for s in SECTIONS:
+        expected |= {f.name for f in dataclasses.fields(getattr(cfg, s))}
+    assert set(index) == expected
+    assert index["learning_rate"] == ("optim", "learning_rate", float)
+    assert index["objective"] == ("grpo", "objective", typing.get_type_hints(GRPOConfig)["objective"])
+    assert index["seed"][0] is None
+    index.pop("seed")
+    assert "seed" in leaf_index()
