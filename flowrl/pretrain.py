@@ -7,6 +7,10 @@ MSE on the velocity. Captions are dropped (empty prompt) with probability ``p_un
 works. Text encoders train jointly with the transformer. An EMA of all trained weights is what gets saved.
 
     python -m flowrl.pretrain --output_dir flowrl/assets/tiny-sd3-scenes --max_train_steps 3000
+
+``--pretrained_model_name_or_path DIR`` (or ``embedded``) continues from a saved pipeline's weights instead of a random
+initialisation (fresh optimizer and schedule, the pipeline's own architecture), e.g. to pretrain the shipped model
+longer on new scenes (``--seed 1``).
 """
 
 from __future__ import annotations
@@ -52,14 +56,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num_layers", type=int, default=TinySD3Config.num_layers)
     ap.add_argument("--patch_size", type=int, default=4)
     ap.add_argument("--num_attention_heads", type=int, default=6)
+    ap.add_argument("--pretrained_model_name_or_path", default=None,
+                    help="continue from this tiny SD3 pipeline (a directory this recipe wrote, or 'embedded') instead of "
+                         "a random initialisation; its architecture replaces --num_layers/--patch_size/"
+                         "--num_attention_heads")
     args = ap.parse_args(argv)
     from diffusers.utils import logging as dlogging
 
     dlogging.set_verbosity_error()  # the null T5's tokenizer warns about truncation on every call
 
     torch.manual_seed(args.seed)
-    cfg = TinySD3Config(patch_size=args.patch_size, num_layers=args.num_layers, num_attention_heads=args.num_attention_heads)
-    pipe = build_pipeline(cfg, seed=args.seed)
+    if args.pretrained_model_name_or_path is None:
+        cfg = TinySD3Config(patch_size=args.patch_size, num_layers=args.num_layers,
+                            num_attention_heads=args.num_attention_heads)
+        pipe = build_pipeline(cfg, seed=args.seed)
+    else:
+        pipe, cfg = load_pipeline(args.pretrained_model_name_or_path)
     modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
     params = [p for m in modules for p in m.parameters()]
     for m in modules:
@@ -109,6 +121,33 @@ def main(argv: list[str] | None = None) -> None:
         if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
             save_ema(pipe, params, ema, out if step == args.max_train_steps else out.with_name(f"{out.name}-step{step}"), cfg)
     print(f"done in {time.time() - t0:.0f}s", flush=True)
+
+
+def load_pipeline(name_or_path: str):
+    """A saved tiny SD3 pipeline (fp32, CPU) to continue pretraining, and its :class:`TinySD3Config`.
+
+    Raises ``SystemExit`` naming the path when it is not a directory holding a ``StableDiffusion3Pipeline``.
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    from flowrl.embedded import EMBEDDED_MODEL_DIR
+
+    path = Path(EMBEDDED_MODEL_DIR if name_or_path == "embedded" else name_or_path)
+    index = path / "model_index.json"
+    if not index.is_file() or json.loads(index.read_text()).get("_class_name") != "StableDiffusion3Pipeline":
+        raise SystemExit(f"flowrl pretrain: error: --pretrained_model_name_or_path {str(path)!r} is not a directory "
+                         "holding a StableDiffusion3Pipeline (model_index.json); give one this recipe wrote, or "
+                         "'embedded'")
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=torch.float32)
+    t, te = pipe.transformer.config, pipe.text_encoder.config
+    cfg = TinySD3Config(
+        resolution=int(t.sample_size), patch_size=int(t.patch_size), num_layers=int(t.num_layers),
+        num_attention_heads=int(t.num_attention_heads), attention_head_dim=int(t.attention_head_dim),
+        text_hidden_size=int(te.hidden_size), text_layers=int(te.num_hidden_layers),
+        text_projection_dim=int(te.projection_dim), max_text_tokens=int(pipe.tokenizer.model_max_length),
+        shift=float(pipe.scheduler.config.shift),
+    )
+    return pipe, cfg
 
 
 def save_ema(pipe, params, ema, path: Path, cfg: TinySD3Config) -> None:
