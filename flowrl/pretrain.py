@@ -130,15 +130,18 @@ def load_pipeline(name_or_path: str):
     """
     from diffusers import StableDiffusion3Pipeline
 
-    from flowrl.embedded import EMBEDDED_MODEL_DIR
+    from flowrl.policies.base import pipeline_class_name
+    from flowrl.trainer import resolve_model_path
 
-    path = Path(EMBEDDED_MODEL_DIR if name_or_path == "embedded" else name_or_path)
-    index = path / "model_index.json"
-    if not index.is_file() or json.loads(index.read_text()).get("_class_name") != "StableDiffusion3Pipeline":
-        raise SystemExit(f"flowrl pretrain: error: --pretrained_model_name_or_path {str(path)!r} is not a directory "
-                         "holding a StableDiffusion3Pipeline (model_index.json); give one this recipe wrote, or "
-                         "'embedded'")
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=torch.float32)
+    path = resolve_model_path(name_or_path)
+    try:
+        cls = pipeline_class_name(path)
+    except FileNotFoundError as e:
+        cls = f"none ({e})"
+    if cls != "StableDiffusion3Pipeline":
+        raise SystemExit(f"flowrl pretrain: error: --pretrained_model_name_or_path {path!r} is not a directory "
+                         f"holding a StableDiffusion3Pipeline (found: {cls}); give one this recipe wrote, or 'embedded'")
+    pipe = StableDiffusion3Pipeline.from_pretrained(path)  # fp32, as saved
     t, te = pipe.transformer.config, pipe.text_encoder.config
     cfg = TinySD3Config(
         resolution=int(t.sample_size), patch_size=int(t.patch_size), num_layers=int(t.num_layers),
