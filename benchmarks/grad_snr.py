@@ -15,6 +15,9 @@ gradient, ``n_k`` independent noise), :func:`gradient_snr` reports
 * ``pair_cos`` = the mean cosine between two batches' gradients, ``~ snr / (1 + snr)``: 0 for pure noise, 1 for a
   noiseless gradient;
 * ``reward`` = the mean training reward of the K batches;
+* with ``--fixed_prompts``, every batch draws the prompts of the first one and only the noise differs: the signal is
+  then the expected gradient for those prompts, and the noise is the estimator's own, without the spread between
+  prompt sets;
 * with ``--by_module``, the same per module kind (every block's ``attn.to_q`` together, ...) and per transformer
   block, with each group's share of the squared gradient norm: is the signal concentrated anywhere?
 
@@ -92,25 +95,43 @@ def param_names(trainer) -> list[str]:
     return [by_id.get(id(p), f"param{i}") for i, p in enumerate(trainer.params)]
 
 
-def batch_gradients(trainer, batches: int, first_step: int = 1000) -> tuple[Tensor, list[float]]:
-    """[K, P] flattened policy gradients of K fresh batches at the trainer's current weights, and their rewards."""
+def batch_gradients(trainer, batches: int, first_step: int = 1000,
+                    fixed_prompts: bool = False) -> tuple[Tensor, list[float]]:
+    """[K, P] flattened policy gradients of K fresh batches at the trainer's current weights, and their rewards.
+
+    ``fixed_prompts``: every batch takes the prompts of ``first_step`` (only the initial and SDE noise differ), so
+    the statistics measure the noise of the estimator for one set of prompts, without the spread between prompts.
+    """
     g = trainer.cfg.grpo
     vecs, rewards = [], []
-    for k in range(batches):
-        batch, _ = trainer.sample_and_score(first_step + k)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        bs = g.sample_batch_size
-        for b, r in enumerate(batch.rollouts):
-            sl = slice(b * bs, (b + 1) * bs)
-            trainer.micro_batch_loss(r, trainer._conds[b], batch.advantages[sl].to(trainer.device),
-                                     batch.valid[sl].to(trainer.device), scale=1.0 / len(batch.rollouts),
-                                     uncond=trainer._uncond[b] if trainer._uncond else None)
-        vecs.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().detach().cpu()
-                               for p in trainer.params]))
-        total = sum(w * batch.rewards[n].float() for n, w in trainer.cfg.rewards.items())
-        rewards.append(float(total.nanmean()))
+    if fixed_prompts:  # shadow the method on this instance; `del` below restores the class's
+        draw = trainer.step_prompts
+        trainer.step_prompts = lambda step: draw(first_step)
+    try:
+        for k in range(batches):
+            vec, reward = _one_gradient(trainer, first_step + k, g.sample_batch_size)
+            vecs.append(vec)
+            rewards.append(reward)
+    finally:
+        if fixed_prompts:
+            del trainer.step_prompts
     trainer.optimizer.zero_grad(set_to_none=True)
     return torch.stack(vecs), rewards
+
+
+def _one_gradient(trainer, step: int, bs: int) -> tuple[Tensor, float]:
+    """The flattened policy gradient of the batch of ``step`` (all micro-batches) and its mean training reward."""
+    batch, _ = trainer.sample_and_score(step)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    for b, r in enumerate(batch.rollouts):
+        sl = slice(b * bs, (b + 1) * bs)
+        trainer.micro_batch_loss(r, trainer._conds[b], batch.advantages[sl].to(trainer.device),
+                                 batch.valid[sl].to(trainer.device), scale=1.0 / len(batch.rollouts),
+                                 uncond=trainer._uncond[b] if trainer._uncond else None)
+    vec = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().detach().cpu()
+                     for p in trainer.params])
+    total = sum(w * batch.rewards[n].float() for n, w in trainer.cfg.rewards.items())
+    return vec, float(total.nanmean())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -120,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="output directory (grad_snr.json)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                     help="a configuration: name and its flowrl train flags (repeatable; default: 'default=')")
+    ap.add_argument("--fixed_prompts", action="store_true",
+                    help="every batch draws the same prompts (only the noise differs): the estimator's noise for one "
+                         "prompt set, without the spread between prompt sets")
     ap.add_argument("--by_module", action="store_true",
                     help="also report the statistics per module kind and per transformer block (``modules``)")
     return ap
@@ -154,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.time()
         trainer = Trainer(cfg)
         trainer.setup()
-        grads, rewards = batch_gradients(trainer, args.batches)
+        grads, rewards = batch_gradients(trainer, args.batches, fixed_prompts=args.fixed_prompts)
         row = {"name": name, "flags": flags, **gradient_snr(grads), "reward": sum(rewards) / len(rewards),
                "params": grads.shape[1], "seconds": time.time() - t0}
         if args.by_module:
@@ -165,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(row)
         print(f"[benchmarks.grad_snr] {name}: snr {row['snr']:+.4f}, pair_cos {row['pair_cos']:+.4f}, "
               f"reward {row['reward']:.3f} ({row['seconds']:.0f} s)", flush=True)
-    write_json(out / "grad_snr.json", {"batches": args.batches, "extra_flags": extra, "variants": results})
+    write_json(out / "grad_snr.json", {"batches": args.batches, "fixed_prompts": args.fixed_prompts,
+                                       "extra_flags": extra, "variants": results})
     return 0
 
 

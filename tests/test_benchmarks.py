@@ -192,6 +192,40 @@ def test_grad_snr_cli_on_a_tiny_model(tmp_path):
         snr_main(["--out", str(out), "--variant", "no-equals-sign"])
 
 
+def test_grad_snr_fixed_prompts_varies_only_the_noise(tmp_path):
+    """--fixed_prompts: every batch has the first batch's prompts (the draws differ without it), the gradients still
+    differ (the noise does), and the trainer's own prompt stream is back afterwards."""
+    from benchmarks.common import make_config
+    from benchmarks.grad_snr import batch_gradients
+    from flowrl.trainer import Trainer
+
+    model = save_tiny_sd3(tmp_path / "tiny-sd3")
+    cfg = make_config(["--output_dir", str(tmp_path / "run"), "--report_to", "none", "--eval_steps", "0",
+                       "--checkpointing_steps", "0", "--pretrained_model_name_or_path", str(model),
+                       "--prompts_per_step", "2", "--group_size", "2", "--sample_batch_size", "2", "--rank", "4",
+                       "--num_inference_steps", "3"])
+    trainer = Trainer(cfg)
+    trainer.setup()
+    seen = []
+    sample = trainer.sample_and_score
+
+    def spy(step):
+        batch, t = sample(step)
+        seen.append(list(batch.prompts))
+        return batch, t
+
+    trainer.sample_and_score = spy
+    free, _ = batch_gradients(trainer, 4, first_step=7)
+    assert len({tuple(p) for p in seen}) > 1  # the prompt stream moves from batch to batch
+    seen.clear()
+    fixed, rewards = batch_gradients(trainer, 3, first_step=7, fixed_prompts=True)
+    assert seen == [trainer.step_prompts(7)[0]] * 3
+    assert fixed.shape == (3, free.shape[1]) and len(rewards) == 3
+    assert not torch.equal(fixed[0], fixed[1]) and not torch.equal(fixed[1], fixed[2])  # the noise still differs
+    assert torch.equal(fixed[0], free[0])  # batch 0 is the same draw either way
+    assert "step_prompts" not in vars(trainer)  # the shadowing is undone
+
+
 def test_report_mean_pm_std_formatting():
     """Gains keep their sign; the std never carries one; a missing std shows the mean alone."""
     from benchmarks.report import _pm
