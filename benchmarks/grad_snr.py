@@ -102,14 +102,13 @@ def batch_gradients(trainer, batches: int, first_step: int = 1000,
     ``fixed_prompts``: every batch takes the prompts of ``first_step`` (only the initial and SDE noise differ), so
     the statistics measure the noise of the estimator for one set of prompts, without the spread between prompts.
     """
-    g = trainer.cfg.grpo
     vecs, rewards = [], []
     if fixed_prompts:  # shadow the method on this instance; `del` below restores the class's
         draw = trainer.step_prompts
         trainer.step_prompts = lambda step: draw(first_step)
     try:
         for k in range(batches):
-            vec, reward = _one_gradient(trainer, first_step + k, g.sample_batch_size)
+            vec, reward = _one_gradient(trainer, first_step + k)
             vecs.append(vec)
             rewards.append(reward)
     finally:
@@ -119,9 +118,10 @@ def batch_gradients(trainer, batches: int, first_step: int = 1000,
     return torch.stack(vecs), rewards
 
 
-def _one_gradient(trainer, step: int, bs: int) -> tuple[Tensor, float]:
+def _one_gradient(trainer, step: int) -> tuple[Tensor, float]:
     """The flattened policy gradient of the batch of ``step`` (all micro-batches) and its mean training reward."""
     batch, _ = trainer.sample_and_score(step)
+    bs = trainer.cfg.grpo.sample_batch_size
     trainer.optimizer.zero_grad(set_to_none=True)
     for b, r in enumerate(batch.rollouts):
         sl = slice(b * bs, (b + 1) * bs)
