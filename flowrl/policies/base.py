@@ -39,6 +39,59 @@ def combine_cfg(v_cond: Tensor, v_uncond: Tensor | None, scale: float) -> Tensor
     return v_uncond + scale * (v_cond - v_uncond)
 
 
+def unique_rows(*tensors: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    """Rows that repeat across row-aligned tensors: ``(first, inverse)`` with ``t[first][inverse]`` equal to ``t``
+    (exactly, every element) for every given tensor, or ``None`` when all B rows differ.
+
+    Args:
+        tensors: [B, ...] each, same B (``None`` entries are skipped). A row repeats only when it repeats in every
+            tensor (latent, timestep, prompt embeddings, ...).
+
+    Returns:
+        first: [U] long, ascending: the first index of each distinct row (U < B).
+        inverse: [B] long in [0, U): which distinct row each row is.
+
+    Rows are grouped by a cheap fingerprint (float64 sums, plain and position-weighted), then checked element for
+    element; a fingerprint collision between different rows (or a NaN) gives ``None``, so the result is always exact.
+    Groups that share their initial noise (``same_noise_per_group``) repeat every latent of the first SDE step and of
+    any ODE stretch before it: evaluating those rows once is the same function, at 1/G of the cost.
+    """
+    ts = [t for t in tensors if t is not None]
+    B = ts[0].shape[0]
+    if B < 2:
+        return None
+    keys = []
+    for t in ts:
+        flat = t.detach().reshape(B, -1).double()
+        pos = torch.arange(1, flat.shape[1] + 1, device=flat.device, dtype=torch.float64)
+        keys += [flat.sum(1), (flat * pos.reciprocal()).sum(1)]
+    _, inverse = torch.unique(torch.stack(keys, 1), dim=0, return_inverse=True)
+    U = int(inverse.max()) + 1
+    if U == B:
+        return None
+    first = torch.full((U,), B, dtype=torch.long, device=inverse.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(B, device=inverse.device), reduce="amin")
+    order = torch.argsort(first)  # distinct rows in order of first appearance
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(U, device=order.device)
+    first, inverse = first[order], rank[inverse]
+    if not all(torch.equal(t, t[first][inverse]) for t in ts):
+        return None
+    return first, inverse
+
+
+def forward_unique_rows(fn, *rows: Tensor | None, **shared) -> Tensor:
+    """``fn(*rows, **shared)`` evaluated once per distinct row of ``rows`` (see :func:`unique_rows`) and gathered back
+    to [B, ...]; ``fn`` unchanged when every row differs. ``fn`` must act on rows independently (a transformer forward
+    does); ``shared`` arguments pass through as they are. Gradients flow back through the gather, so a repeated row's
+    gradient is the sum over its copies, as if each had been evaluated."""
+    u = unique_rows(*rows)
+    if u is None:
+        return fn(*rows, **shared)
+    first, inverse = u
+    return fn(*(None if r is None else r[first] for r in rows), **shared)[inverse]
+
+
 class Policy(Protocol):
     """What the trainer needs from a model. Shapes: latents [B, *latent_shape] (SD3 [B, C, H, W]; Flux the packed
     [B, S, 4C]); images [B, 3, H', W'] in [0, 1]."""

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Cond, combine_cfg
+from .base import Cond, combine_cfg, forward_unique_rows
 from .sd3 import SD3_LORA_TARGETS, SD3_LORA_TARGETS_WITH_FF, SD3Policy
 
 FLUX_LORA_TARGETS = SD3_LORA_TARGETS
@@ -119,6 +119,11 @@ class FluxPolicy(SD3Policy):
 
     def _flux_forward(self, model, x: Tensor, timestep: Tensor, guidance: Tensor | None, embeds: Tensor,
                       pooled: Tensor) -> Tensor:
+        """One transformer pass: [B, S, 4C] fp32 velocity; repeated rows run once (``forward_unique_rows``)."""
+        return forward_unique_rows(self._flux_forward_rows, x, timestep, guidance, embeds, pooled, model=model)
+
+    def _flux_forward_rows(self, x: Tensor, timestep: Tensor, guidance: Tensor | None, embeds: Tensor,
+                           pooled: Tensor, *, model) -> Tensor:
         txt_ids, img_ids = self._ids(x, embeds.shape[1])
         return model(
             hidden_states=x.to(self.weight_dtype),

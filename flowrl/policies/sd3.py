@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .base import Cond, require_xformers
+from .base import Cond, forward_unique_rows, require_xformers
 from .text_encoding import PromptEncoder
 
 SD3_LORA_TARGETS = (
@@ -200,6 +200,11 @@ class SD3Policy:
         return n
 
     def _forward(self, model, x: Tensor, t: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
+        """One transformer pass: [B, C, H, W] fp32 velocity. Rows repeated in (x, t, embeds, pooled) run once
+        (:func:`~flowrl.policies.base.forward_unique_rows`)."""
+        return forward_unique_rows(self._forward_rows, x, t, embeds, pooled, model=model)
+
+    def _forward_rows(self, x: Tensor, t: Tensor, embeds: Tensor, pooled: Tensor, *, model) -> Tensor:
         return model(
             hidden_states=x.to(self.weight_dtype),
             encoder_hidden_states=embeds.to(self.weight_dtype),
