@@ -33,10 +33,18 @@ def test_a_row_repeats_only_when_it_repeats_in_every_tensor():
     assert unique_rows(x[:1]) is None  # one row: nothing to share
 
 
-def test_fingerprint_collisions_and_nans_never_merge_different_rows():
-    # [1, -4, 3] and [0, 0, 0] have equal sums (0) and equal 1/position-weighted sums (1 - 2 + 1 = 0)
-    x = torch.tensor([[0.0, 0.0, 0.0], [1.0, -4.0, 3.0]])
-    assert unique_rows(x) is None
+def test_rows_with_equal_keys_but_different_elements_are_never_merged():
+    # 1000 elements per row: the key samples 256 of them, so rows that differ only at element 1 share their key
+    a = torch.randn(1000)
+    b = a.clone()
+    b[1] += 1.0
+    first, inverse = unique_rows(torch.stack([a, b, a, b]))
+    assert first.tolist() == [0, 1] and inverse.tolist() == [0, 1, 0, 1]
+    x = torch.stack([a, b, a])
+    t = torch.tensor([0.5, 0.5, 0.5])
+    first, inverse = unique_rows(x, t)  # b stays alone, the second a joins the first
+    assert first.tolist() == [0, 1] and inverse.tolist() == [0, 1, 0]
+    assert unique_rows(torch.stack([a, b])) is None
     nan = torch.tensor([[float("nan"), 1.0], [float("nan"), 1.0]])
     assert unique_rows(nan) is None  # NaN != NaN: not provably the same row
 

@@ -51,33 +51,43 @@ def unique_rows(*tensors: Tensor | None) -> tuple[Tensor, Tensor] | None:
         first: [U] long, ascending: the first index of each distinct row (U < B).
         inverse: [B] long in [0, U): which distinct row each row is.
 
-    Rows are grouped by a cheap fingerprint (float64 sums, plain and position-weighted), then checked element for
-    element; a fingerprint collision between different rows (or a NaN) gives ``None``, so the result is always exact.
-    Groups that share their initial noise (``same_noise_per_group``) repeat every latent of the first SDE step and of
-    any ODE stretch before it: evaluating those rows once is the same function, at 1/G of the cost.
+    Candidates are grouped by a key of up to 256 evenly spaced elements of each row (copied, never summed, so equal
+    rows always get equal keys, whatever the reduction order of the hardware), then every candidate is compared with
+    its representative element for element; a row that matches its key but not its representative (or holds a NaN)
+    stays a row of its own, so the result is always exact. Groups that share their initial noise
+    (``same_noise_per_group``) repeat every latent of the first SDE step and of any ODE stretch before it: evaluating
+    those rows once is the same function, at 1/G of the cost.
     """
-    ts = [t for t in tensors if t is not None]
+    ts = [t.detach() for t in tensors if t is not None]
     B = ts[0].shape[0]
     if B < 2:
         return None
     keys = []
     for t in ts:
-        flat = t.detach().reshape(B, -1).double()
-        pos = torch.arange(1, flat.shape[1] + 1, device=flat.device, dtype=torch.float64)
-        keys += [flat.sum(1), (flat * pos.reciprocal()).sum(1)]
-    _, inverse = torch.unique(torch.stack(keys, 1), dim=0, return_inverse=True)
-    U = int(inverse.max()) + 1
-    if U == B:
+        flat = t.reshape(B, -1)
+        n = flat.shape[1]
+        pos = torch.linspace(0, n - 1, min(n, 256), device=flat.device).round().long().unique()
+        keys.append(flat[:, pos].float())
+    _, key_id = torch.unique(torch.cat(keys, 1), dim=0, return_inverse=True)
+    n_keys = int(key_id.max()) + 1
+    rep = torch.arange(B, device=key_id.device)  # each row's representative: the first equal row
+    pending = rep.clone()
+    while pending.numel():  # each pass settles at least the first pending row of every key
+        k = key_id[pending]
+        firsts = torch.full((n_keys,), B, dtype=torch.long, device=k.device).scatter_reduce(0, k, pending, "amin")
+        cand = firsts[k]  # the first still-pending row with the same key
+        dup = pending[cand != pending]
+        if dup.numel() == 0:
+            break
+        same = torch.ones(dup.numel(), dtype=torch.bool, device=dup.device)
+        for t in ts:
+            same &= (t[dup] == t[firsts[key_id[dup]]]).reshape(dup.numel(), -1).all(1)
+        rep[dup[same]] = firsts[key_id[dup[same]]]
+        pending = dup[~same]  # equal keys, different rows: try them against each other in the next pass
+    first = torch.unique(rep)  # sorted: first appearances in order
+    if first.numel() == B:
         return None
-    first = torch.full((U,), B, dtype=torch.long, device=inverse.device)
-    first = first.scatter_reduce(0, inverse, torch.arange(B, device=inverse.device), reduce="amin")
-    order = torch.argsort(first)  # distinct rows in order of first appearance
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(U, device=order.device)
-    first, inverse = first[order], rank[inverse]
-    if not all(torch.equal(t, t[first][inverse]) for t in ts):
-        return None
-    return first, inverse
+    return first, torch.searchsorted(first, rep)
 
 
 def forward_unique_rows(fn, *rows: Tensor | None, **shared) -> Tensor:
