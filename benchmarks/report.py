@@ -149,8 +149,8 @@ def _overhead_md(o: dict) -> list[str]:
         "ratios as cross-checks.", "",
         f"Config: `flowrl train {' '.join(o['flags'])}` (the embedded default plus these flags). Workload per "
         f"iteration: sampling {wl['sampling/transformer_calls']} transformer calls ({wl['sampling/transformer_rows']} "
-        f"rows, a row repeated within a call run once; the trainer counts NFE per sample: {o['trainer_nfe_sampling']}), "
-        f"{wl['sampling/decode_calls']} decodes "
+        f"rows, a row repeated within a call run once; the trainer counts NFE per sample: "
+        f"{o['trainer_nfe_sampling']}), {wl['sampling/decode_calls']} decodes "
         f"({wl['sampling/decode_rows']} images); training {wl['training/transformer_calls']} forward+backward calls "
         f"({wl['training/transformer_rows']} rows; trainer NFE {o['trainer_nfe_training']}); input shapes "
         f"{wl['transformer_input_shapes']}.", "",

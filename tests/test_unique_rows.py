@@ -31,6 +31,7 @@ def test_a_row_repeats_only_when_it_repeats_in_every_tensor():
     assert first.tolist() == [0, 2, 3] and inverse.tolist() == [0, 0, 1, 2]
     assert unique_rows(x, torch.arange(4.0)) is None  # every row differs in t
     assert unique_rows(x[:1]) is None  # one row: nothing to share
+    assert unique_rows(x, emb[:1]) is None  # a broadcast row: not row-aligned, left to the model
 
 
 def test_rows_with_equal_keys_but_different_elements_are_never_merged():

@@ -60,7 +60,7 @@ def unique_rows(*tensors: Tensor | None) -> tuple[Tensor, Tensor] | None:
     """
     ts = [t.detach() for t in tensors if t is not None]
     B = ts[0].shape[0]
-    if B < 2:
+    if B < 2 or any(t.dim() == 0 or t.shape[0] != B for t in ts):  # one row, or rows broadcast: nothing to share
         return None
     keys = []
     for t in ts:
