@@ -210,3 +210,25 @@ def test_lora_target_preset_comes_from_the_model_family(flux_dev, tmp_path):
     assert default_lora_targets(str(sd3), False) == SD3_LORA_TARGETS
     assert default_lora_targets(str(flux_dev), True) == FLUX_LORA_TARGETS_WITH_FF
     assert default_lora_targets(str(flux_dev), False) == FLUX_LORA_TARGETS
+
+
+def test_repeated_rows_run_once_with_the_values_of_every_copy(flux_dev):
+    """A group that shares its noise repeats its rows (latent, timestep, guidance, prompt): the Flux forward runs the
+    distinct ones and gathers them back, with the values of evaluating every copy."""
+    policy = load_policy(str(flux_dev), lora_rank=2, max_sequence_length=MAX_SEQ)
+    rows = []
+    hook = policy.transformer.register_forward_pre_hook(
+        lambda mod, args, kwargs: rows.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    pick = torch.tensor([0, 0, 1, 1, 1])
+    cond = policy.encode(["two red circles", "a green triangle"]).select(pick)
+    x = torch.randn(2, *policy.latent_shape(RES))[pick]
+    sigma = torch.tensor(0.9)
+    with torch.no_grad():
+        v = policy.velocity(x, sigma, cond, 3.5)
+        assert rows == [2]
+        t = torch.full((5,), 0.9).to(policy.weight_dtype)
+        every = policy._flux_forward_rows(x, t, torch.full((5,), 3.5), cond.embeds, cond.pooled,
+                                          model=policy.transformer)
+    assert rows == [2, 5]
+    torch.testing.assert_close(v, every, rtol=1e-5, atol=1e-6)
+    hook.remove()
