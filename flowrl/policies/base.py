@@ -59,8 +59,10 @@ def unique_rows(*tensors: Tensor | None) -> tuple[Tensor, Tensor] | None:
     those rows once is the same function, at 1/G of the cost.
     """
     ts = [t.detach() for t in tensors if t is not None]
+    if any(t.dim() == 0 for t in ts):  # a scalar is not a row
+        return None
     B = ts[0].shape[0]
-    if B < 2 or any(t.dim() == 0 or t.shape[0] != B for t in ts):  # one row, or rows broadcast: nothing to share
+    if B < 2 or any(t.shape[0] != B for t in ts):  # one row, or rows broadcast: nothing to share
         return None
     keys = []
     for t in ts:
