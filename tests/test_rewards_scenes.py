@@ -203,6 +203,33 @@ def test_tolerates_blur_and_noise():
     assert info["strict"].mean() >= 0.98
 
 
+@pytest.mark.parametrize("min_area", [0.005, 0.015, 0.05])
+def test_pruning_small_components_is_exact(min_area):
+    """Noisy samples (a collapsing policy's) break into hundreds of tiny components per colour; the summed-area bound
+    skips those that cannot reach ``min_area``. The detections must equal those of analysing every component."""
+    from rewards.scene_verifier import _detect_one, segment
+
+    prompts = scenes.prompt_set("eval")
+    rng = np.random.default_rng(7)
+    most_components = 0
+    for k in range(40):
+        img = scenes.render(scenes.parse_prompt(prompts[k % len(prompts)]), 20_000 + k).astype(np.float64)
+        kind = k % 4
+        if kind == 1:
+            img = img + rng.normal(0, rng.uniform(10, 80), img.shape)
+        elif kind == 2:
+            img = ndimage.gaussian_filter(img, (1.0, 1.0, 0)) + rng.normal(0, 30, img.shape)
+        elif kind == 3:
+            img = rng.uniform(0, 255, img.shape)
+        index, alpha = segment(np.clip(img, 0, 255))
+        args = (index, alpha, min_area, 0.4, 0.15, 1.08)
+        pruned, full = _detect_one(*args), _detect_one(*args, prune=False)
+        assert pruned == full, f"image {k} (kind {kind}): {pruned} != {full}"
+        for ci in np.unique(index):
+            most_components = max(most_components, ndimage.label((index == ci) & (alpha >= 0.4))[1])
+    assert most_components >= 50  # the speckle the bound exists for was there
+
+
 def test_check_handles_repeated_combo_in_prompt():
     spec = scenes.parse_prompt("a red circle to the left of a red circle")
     img = _scene(("red", "circle", 0.25, 0.5), ("red", "circle", 0.75, 0.5))
