@@ -8,6 +8,10 @@ works. Text encoders train jointly with the transformer. An EMA of all trained w
 
     python -m flowrl.pretrain --output_dir flowrl/assets/tiny-sd3-scenes --max_train_steps 3000
 
+``--device cuda`` (or ``cuda:N``, ``mps``) trains on an accelerator. Every random draw (batch indices, caption
+dropout, noise, timesteps) still comes from one CPU generator and is then moved to the device, so a run draws the
+same data on any device; only float rounding differs. The shipped model was trained on the CPU.
+
 ``--pretrained_model_name_or_path DIR`` (or ``embedded``) continues from a saved pipeline's weights instead of a random
 initialisation (fresh optimizer and schedule, the pipeline's own architecture), e.g. to pretrain the shipped model
 longer on new scenes (``--seed 1``).
@@ -28,7 +32,7 @@ from flowrl.embedded import MAX_SEQUENCE_LENGTH, TinySD3Config, build_pipeline, 
 from rewards import scenes
 
 
-def encode(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(pipe, prompts: list[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """SD3 prompt encoding through the pipeline's own code path (gradients flow into the text encoders)."""
     pe, _, pooled, _ = pipe.encode_prompt(
         prompt=prompts,
@@ -36,13 +40,14 @@ def encode(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         prompt_3=None,
         do_classifier_free_guidance=False,
         max_sequence_length=MAX_SEQUENCE_LENGTH,
-        device=torch.device("cpu"),
+        device=torch.device(device),
     )
     return pe, pooled
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="flowrl pretrain", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output_dir", default="flowrl/assets/tiny-sd3-scenes")
     ap.add_argument("--max_train_steps", type=int, default=3000)
     ap.add_argument("--train_batch_size", type=int, default=64)
@@ -60,7 +65,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="continue from this tiny SD3 pipeline (a directory this recipe wrote, or 'embedded') instead of "
                          "a random initialisation; its architecture replaces --num_layers/--patch_size/"
                          "--num_attention_heads")
+    ap.add_argument("--device", default="cpu",
+                    help="where to train: cpu (default, the shipped model's recipe), cuda, cuda:N or mps; random draws "
+                         "stay on the CPU, so every device sees the same data")
     args = ap.parse_args(argv)
+    device = check_args(args)
     from diffusers.utils import logging as dlogging
 
     dlogging.set_verbosity_error()  # the null T5's tokenizer warns about truncation on every call
@@ -72,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         pipe = build_pipeline(cfg, seed=args.seed)
     else:
         pipe, cfg = load_pipeline(args.pretrained_model_name_or_path)
+    pipe.to(device)
     modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
     params = [p for m in modules for p in m.parameters()]
     for m in modules:
@@ -103,8 +113,9 @@ def main(argv: list[str] | None = None) -> None:
         prompts = [captions[i] if torch.rand((), generator=g) > args.p_uncond else "" for i in idx.tolist()]
         eps = torch.randn(x0.shape, generator=g)
         t = torch.sigmoid(torch.randn(len(idx), generator=g))  # logit-normal(0, 1)
+        x0, eps, t = x0.to(device), eps.to(device), t.to(device)
         xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
-        pe, pooled = encode(pipe, prompts)
+        pe, pooled = encode(pipe, prompts, device)
         v = pipe.transformer(hidden_states=xt, encoder_hidden_states=pe, pooled_projections=pooled, timestep=t * 1000).sample
         loss = torch.nn.functional.mse_loss(v.float(), (eps - x0).float())
         opt.zero_grad(set_to_none=True)
@@ -121,6 +132,44 @@ def main(argv: list[str] | None = None) -> None:
         if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
             save_ema(pipe, params, ema, out if step == args.max_train_steps else out.with_name(f"{out.name}-step{step}"), cfg)
     print(f"done in {time.time() - t0:.0f}s", flush=True)
+
+
+def check_args(args: argparse.Namespace) -> torch.device:
+    """Validate the recipe's flags before any work; return the training device.
+
+    Raises ``SystemExit`` naming the bad flag, its value and what is allowed.
+    """
+    def bad(flag: str, value: object, allowed: str) -> SystemExit:
+        return SystemExit(f"flowrl pretrain: error: --{flag} {value!r}: {allowed}")
+
+    for flag in ("max_train_steps", "train_batch_size", "dataset_size", "checkpointing_steps", "num_layers",
+                 "patch_size", "num_attention_heads"):
+        if getattr(args, flag) < 1:
+            raise bad(flag, getattr(args, flag), "must be >= 1")
+    if args.lr_warmup_steps < 0:
+        raise bad("lr_warmup_steps", args.lr_warmup_steps, "must be >= 0")
+    if not args.learning_rate >= 0:
+        raise bad("learning_rate", args.learning_rate, "must be >= 0")
+    if not 0 <= args.p_uncond <= 1:
+        raise bad("p_uncond", args.p_uncond, "must be in [0, 1]")
+    if not 0 <= args.ema_decay < 1:
+        raise bad("ema_decay", args.ema_decay, "must be in [0, 1)")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise bad("device", args.device, "not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise bad("device", args.device, "CUDA is not available on this machine; use cpu")
+        if device.index is not None and device.index >= n:
+            raise bad("device", args.device, f"this machine has {n} CUDA device(s): cuda:0 ... cuda:{n - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise bad("device", args.device, "MPS is not available on this machine; use cpu")
+    elif device.type != "cpu":
+        raise bad("device", args.device, "use cpu, cuda, cuda:N or mps")
+    return device
 
 
 def load_pipeline(name_or_path: str):
@@ -159,7 +208,7 @@ def save_ema(pipe, params, ema, path: Path, cfg: TinySD3Config) -> None:
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
-    export = copy.deepcopy(pipe)
+    export = copy.deepcopy(pipe).to("cpu")  # saved as the recipe always saves it: fp32 CPU tensors
     with torch.no_grad():
         for p, b in zip(params, backup):
             p.copy_(b)
