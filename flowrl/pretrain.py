@@ -158,17 +158,11 @@ def check_args(args: argparse.Namespace) -> torch.device:
         device = torch.device(args.device)
     except (RuntimeError, ValueError):
         raise bad("device", args.device, "not a torch device; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise bad("device", args.device, "CUDA is not available on this machine; use cpu")
-        if device.index is not None and device.index >= n:
-            raise bad("device", args.device, f"this machine has {n} CUDA device(s): cuda:0 ... cuda:{n - 1}")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise bad("device", args.device, "MPS is not available on this machine; use cpu")
-    elif device.type != "cpu":
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if device.type not in available:
         raise bad("device", args.device, "use cpu, cuda, cuda:N or mps")
+    if not available[device.type]:
+        raise bad("device", args.device, f"{device.type.upper()} is not available on this machine; use cpu")
     return device
 
 

@@ -161,9 +161,8 @@ def _detect_one(
         weight = np.where(index == ci, alpha, 0.0)
         mask = weight >= threshold
         labels, _ = ndimage.label(mask, structure=_FOUR)
+        # (ci has a pixel at or above the threshold, so there is at least one component)
         boxes = np.array([(b[0].start, b[0].stop, b[1].start, b[1].stop) for b in ndimage.find_objects(labels)])
-        if not len(boxes):
-            continue
         # Each component's box grown by the one-pixel fringe.
         y0s, y1s = np.maximum(boxes[:, 0] - 1, 0), np.minimum(boxes[:, 1] + 1, h)
         x0s, x1s = np.maximum(boxes[:, 2] - 1, 0), np.minimum(boxes[:, 3] + 1, w)
