@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import types
 import typing
@@ -175,6 +176,19 @@ class GRPOConfig:
     the step's noise std (TempFlow-GRPO). One or the other: GRPO-Guard found the two combined collapse quality."""
     step_grad_norms: bool = True
     """Log each trained step's gradient norm and share (costs one copy of the trainable parameters' gradients)."""
+    kl_probe_rows: int = 0
+    """After each step's update, the exact KL between the sampling policy's Gaussian step and the updated policy's
+    on this many stored trajectories (evenly spaced over the batch), at every trained step: ``train/policy_kl``,
+    mean over latent elements, rows and steps (the units of ``kl``). It measures how far one step moved the policy,
+    which ``approx_kl`` cannot with one pass per batch (it is 0 there). Costs one forward without gradient per row
+    and trained step. 0 = off. Linear plans (full, window) of the image trainer with objective grpo."""
+    target_kl: float | None = None
+    """KL-adaptive learning rate (flowrl.objectives.adaptive_lr_scale): after each step the learning rate's
+    multiplier is divided by 1.5 when ``train/policy_kl`` > 2 x target_kl and multiplied by 1.5 when it is below
+    target_kl / 2, within [1/max_lr_scale, max_lr_scale]; the scheduler's warm-up and decay still apply. Needs
+    kl_probe_rows > 0. None = off."""
+    max_lr_scale: float = 10.0
+    """Bound of target_kl's learning-rate multiplier."""
     branch_update: Literal["batch", "step"] = "batch"
     """Branching plans: optimizer updates per batch as usual (``batch``), or one per branch step (``step``, G²RPO's
     option; gradient_accumulation_steps still splits a step's micro-batches)."""
@@ -636,6 +650,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         need(g.nft_timesteps >= 1, f"nft_timesteps must be >= 1, got {g.nft_timesteps}")
         need(0 <= g.nft_t_min < g.nft_t_max <= 1,
              f"need 0 <= nft_t_min < nft_t_max <= 1, got nft_t_min={g.nft_t_min}, nft_t_max={g.nft_t_max}")
+    need(g.kl_probe_rows >= 0, f"kl_probe_rows must be >= 0 (0 = off), got {g.kl_probe_rows}")
+    if g.kl_probe_rows or g.target_kl is not None:
+        need(cfg.modality == "image" and not branching and g.objective == "grpo",
+             f"kl_probe_rows / target_kl measure the update on the stored SDE transitions of a linear rollout: image "
+             f"modality, plan full or window, objective grpo; got modality={cfg.modality!r}, plan={p.plan!r}, "
+             f"objective={g.objective!r}")
+    if g.target_kl is not None:
+        need(g.target_kl > 0 and math.isfinite(g.target_kl), f"target_kl must be > 0 or null, got {g.target_kl}")
+        need(g.kl_probe_rows > 0, "target_kl adapts the learning rate to the measured train/policy_kl: set "
+                                  f"kl_probe_rows > 0 (e.g. 8), got kl_probe_rows={g.kl_probe_rows}")
+        need(g.max_lr_scale >= 1 and math.isfinite(g.max_lr_scale),
+             f"max_lr_scale must be >= 1, got {g.max_lr_scale}")
     need(not (g.ratio_norm and p.step_kind == "cps"),
          "ratio_norm (GRPO-Guard) needs a Gaussian step log-prob, but step_kind='cps' is scored with the reference's "
          "variance-free log p = -mean((x' - mean)^2), for which s*(log r + mean(dmean^2)/(2 s^2)) is not "

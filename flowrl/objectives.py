@@ -234,6 +234,36 @@ def kl_velocity(v: Tensor, v_ref: Tensor, *, reduction: Reduction = "mean") -> T
     return _reduce_trailing((v.to(dtype) - v_ref.detach().to(dtype)).square(), 1, reduction)
 
 
+def adaptive_lr_scale(scale: float, kl: float, target_kl: float, *, factor: float = 1.5,
+                      max_scale: float = 10.0) -> float:
+    """Next learning-rate multiplier of the KL-adaptive step-size rule (a trust region on the measured update).
+
+    PPO's adaptive-KL rule (Schulman et al. 2017, Sec. 4) adapts the KL penalty: beta / 2 when ``d < d_targ / 1.5``,
+    beta x 2 when ``d > 1.5 d_targ``. Applied to the step size instead, as rsl_rl's PPO ``schedule: adaptive``
+    (Rudin et al. 2022) does: the multiplier is divided by ``factor`` when the measured KL of the update ``kl`` exceeds
+    ``2 * target_kl``, multiplied by ``factor`` when it is below ``target_kl / 2``, and kept otherwise; the result is
+    clamped to ``[1 / max_scale, max_scale]``.
+
+    Args:
+        scale: current multiplier (> 0) of the scheduled learning rate.
+        kl: measured KL between the policy before and after the last update (>= 0; NaN keeps ``scale``).
+        target_kl: the KL per update aimed at (> 0), in ``kl``'s units.
+        factor: change per adjustment (> 1).
+        max_scale: bound of the multiplier (>= 1).
+
+    Returns:
+        The new multiplier, a float in ``[1 / max_scale, max_scale]``.
+    """
+    if not (target_kl > 0 and factor > 1 and max_scale >= 1 and scale > 0):
+        raise ValueError(f"need target_kl > 0, factor > 1, max_scale >= 1, scale > 0; got target_kl={target_kl}, "
+                         f"factor={factor}, max_scale={max_scale}, scale={scale}")
+    if kl > 2 * target_kl:
+        scale = scale / factor
+    elif kl < target_kl / 2:
+        scale = scale * factor
+    return min(max(scale, 1.0 / max_scale), max_scale)
+
+
 def guard_normalized_log_ratio(
     log_prob: Tensor,
     old_log_prob: Tensor,

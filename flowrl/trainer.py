@@ -35,7 +35,7 @@ from .checkpoint import find_checkpoint, save_checkpoint, truncate_metrics
 from .config import ConfigError, TrainConfig, to_dict
 from .embedded import EMBEDDED_MODEL_DIR
 from .evaluate import atomic_write_text, generate, make_grid, save_image_atomic, score_all, summarize
-from .objectives import (clipped_surrogate, guard_normalized_log_ratio, kl_to_reference, kl_velocity, nft_loss,
+from .objectives import (adaptive_lr_scale, clipped_surrogate, guard_normalized_log_ratio, kl_to_reference, kl_velocity, nft_loss,
                          step_weights)
 from .policies.base import combine_cfg
 from .policies.sd3 import read_model_defaults
@@ -203,6 +203,7 @@ class Trainer:
         self._register_checkpoint_hooks()
         self.step = 0
         self.optimizer_steps = 0
+        self.lr_scale = 1.0  # target_kl's multiplier of the scheduled learning rate
         self.nan_skips = 0
         self.nan_streak = 0  # non-finite losses in a row (reset by a finite one); max_nan_skips stops the run
         if cfg.resume_from_checkpoint:
@@ -407,6 +408,13 @@ class Trainer:
         out = {k: v / count for k, v in sums.items() if k != "grad_norm"}
         out["grad_norm"] = sums.get("grad_norm", 0.0) / max(1, n_updates)
         out["optimizer_updates"] = n_updates
+        if g.kl_probe_rows:  # the update's size, measured; target_kl steers the next step's learning rate by it
+            out["policy_kl"] = self.policy_kl(batch)
+            if g.target_kl is not None:
+                self.lr_scale = adaptive_lr_scale(self.lr_scale, out["policy_kl"], g.target_kl,
+                                                  max_scale=g.max_lr_scale)
+                self.apply_lr_scale()
+                out["lr_scale"] = self.lr_scale
         return out
 
     def micro_batch_loss(self, r: Rollout, cond, adv: Tensor, valid: Tensor, scale: float,
@@ -431,13 +439,7 @@ class Trainer:
         for j in range(S):
             x = r.latents[:, j].to(self.device)
             sigma = r.sigmas[j].to(self.device)
-            if uncond is not None:
-                with self.accelerator.autocast():
-                    v_c, _, cfg_scale = self.policy.cfg_parts(x, sigma, cond, guidance, with_uncond=False)
-                v = combine_cfg(v_c, uncond[:, j].to(self.device), cfg_scale)
-            else:
-                with self.accelerator.autocast():
-                    v = self.policy.velocity(x, sigma, cond, guidance)
+            v = self.trained_velocity(x, sigma, cond, guidance, None if uncond is None else uncond[:, j])
             rj = dataclasses.replace(r, latents=r.latents.to(self.device), next_latents=r.next_latents.to(self.device))
             log_prob, mean, std = rescore(v, rj, j)
             old_log_prob = r.log_probs[:, j].to(self.device)
@@ -475,6 +477,54 @@ class Trainer:
                 scaler = getattr(self.accelerator, "scaler", None)
                 stats[f"_gn/step{int(r.step_indices[j])}"] = gn / (scaler.get_scale() if scaler is not None else 1.0)
         return stats
+
+    def trained_velocity(self, x: Tensor, sigma: Tensor, cond, guidance: float, uncond: Tensor | None) -> Tensor:
+        """The velocity the surrogate trains at a stored state: the (guided) policy velocity, or with
+        ``frozen_uncond`` the guided mix of a fresh conditional pass and the stored unconditional velocity ``uncond``
+        ([B, *D])."""
+        if uncond is None:
+            with self.accelerator.autocast():
+                return self.policy.velocity(x, sigma, cond, guidance)
+        with self.accelerator.autocast():
+            v_c, _, cfg_scale = self.policy.cfg_parts(x, sigma, cond, guidance, with_uncond=False)
+        return combine_cfg(v_c, uncond.to(self.device), cfg_scale)
+
+    @torch.no_grad()
+    def policy_kl(self, batch: Batch) -> float:
+        """How far this step's update moved the policy: the mean over ``kl_probe_rows`` stored trajectories (evenly
+        spaced over the batch; all of them when there are fewer) and over the trained steps of the exact KL between
+        the sampling Gaussian ``N(mean_old, s²)`` and the updated policy's ``N(mean_new, s²)`` at the stored state,
+        averaged over latent elements (:func:`~flowrl.objectives.kl_to_reference` with the step std ``s``). Averaged
+        over processes, so every process adapts its learning rate alike. 0 before any update (the ratio is exactly 1
+        there); nonnegative float."""
+        g = self.cfg.grpo
+        guidance = self.guidance if self.cfg.sampling.train_cfg else 1.0
+        bs, n = g.sample_batch_size, len(batch.prompts)
+        picks = torch.linspace(0, n - 1, min(g.kl_probe_rows, n)).round().long().unique()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        for b, r in enumerate(batch.rollouts):
+            local = picks[(picks >= b * bs) & (picks < (b + 1) * bs)] - b * bs
+            if not len(local):
+                continue
+            sub = r.select(local)
+            sub = dataclasses.replace(sub, latents=sub.latents.to(self.device),
+                                      next_latents=sub.next_latents.to(self.device))
+            cond = self._conds[b].select(local.to(self.device))
+            uncond = self._uncond[b][local] if self._uncond and self._uncond[b] is not None else None
+            for j in range(sub.latents.shape[1]):
+                v = self.trained_velocity(sub.latents[:, j], sub.sigmas[j].to(self.device), cond, guidance,
+                                          None if uncond is None else uncond[:, j])
+                _, mean, std = rescore(v, sub, j)
+                total += kl_to_reference(mean, sub.means[:, j].to(self.device), std).double().sum()
+                count += len(local)
+        kl = total / max(count, 1)
+        return float(self.accelerator.reduce(kl, "mean")) if self.world > 1 else float(kl)
+
+    def apply_lr_scale(self) -> None:
+        """Set each parameter group's learning rate to the scheduler's times ``lr_scale`` (``target_kl``)."""
+        for pg, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+            pg["lr"] = lr * self.lr_scale
 
     # ------------------------------------------------------------------------------------------------ nft objective
     @property
@@ -544,6 +594,8 @@ class Trainer:
 
     def optimizer_step(self) -> float:
         gn = optimizer_step(self)
+        if self.lr_scale != 1.0:  # the scheduler has just set the unscaled rate for the next update
+            self.apply_lr_scale()
         if self.ema is not None:
             with torch.no_grad():
                 torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - self.cfg.optim.ema_decay)
@@ -580,7 +632,7 @@ class Trainer:
         m.update(_per_step_diagnostics(train))
         m["train/zero_std_share"] = float(batch.zero_std.float().mean())
         m["train/adv_abs_mean"] = float(batch.advantages.abs().mean())
-        m["train/lr"] = float(self.lr_scheduler.get_last_lr()[0])
+        m["train/lr"] = float(self.lr_scheduler.get_last_lr()[0]) * self.lr_scale
         m["train/nan_loss_skips"] = self.nan_skips
         m["time/sampling_s"] = t_sample
         m["time/training_s"] = t_train
@@ -694,7 +746,7 @@ class Trainer:
 
         sharded = self._prepared.kind == "fsdp"  # each process holds its own shard of the EMA
         state = {"step": self.step, "optimizer_steps": self.optimizer_steps, "nan_skips": self.nan_skips,
-                 "plan": dataclasses.asdict(self.plan), "config": to_dict(self.cfg)}
+                 "lr_scale": self.lr_scale, "plan": dataclasses.asdict(self.plan), "config": to_dict(self.cfg)}
         return save_checkpoint(self.accelerator, self.out, self.step, state, self.cfg.checkpoints_total_limit,
                                extra if self.ema is not None and not sharded else None,
                                per_process=extra if self.ema is not None and sharded else None)
@@ -717,6 +769,7 @@ class Trainer:
         self.step = int(state["step"])
         self.optimizer_steps = int(state["optimizer_steps"])
         self.nan_skips = int(state.get("nan_skips", 0))
+        self.lr_scale = float(state.get("lr_scale", 1.0))  # the optimizer state already holds the scaled rate
         if self.accelerator.is_main_process:
             truncate_metrics(self.out, self.step)
         self.accelerator.print(f"resumed from {path} at step {self.step}")
