@@ -179,7 +179,7 @@ class GRPOConfig:
     kl_probe_rows: int = 0
     """After each step's update, the exact KL between the sampling policy's Gaussian step and the updated policy's
     on this many stored trajectories (evenly spaced over the batch), at every trained step: ``train/policy_kl``,
-    mean over latent elements, rows and steps (the units of ``kl``). It measures how far one step moved the policy,
+    mean over latent elements, rows and steps (the units of ``kl``), and ``train/policy_kl/stepK`` per trained step. It measures how far one step moved the policy,
     which ``approx_kl`` cannot with one pass per batch (it is 0 there). Costs one forward without gradient per row
     and trained step. 0 = off. Linear plans (full, window) of the image trainer with objective grpo."""
     target_kl: float | None = None

@@ -409,7 +409,7 @@ class Trainer:
         out["grad_norm"] = sums.get("grad_norm", 0.0) / max(1, n_updates)
         out["optimizer_updates"] = n_updates
         if g.kl_probe_rows:  # the update's size, measured; target_kl steers the next step's learning rate by it
-            out["policy_kl"] = self.policy_kl(batch)
+            out.update(self.policy_kl(batch))
             if g.target_kl is not None:
                 self.lr_scale = adaptive_lr_scale(self.lr_scale, out["policy_kl"], g.target_kl,
                                                   max_scale=g.max_lr_scale)
@@ -490,18 +490,21 @@ class Trainer:
         return combine_cfg(v_c, uncond.to(self.device), cfg_scale)
 
     @torch.no_grad()
-    def policy_kl(self, batch: Batch) -> float:
-        """How far this step's update moved the policy: the mean over ``kl_probe_rows`` stored trajectories (evenly
-        spaced over the batch; all of them when there are fewer) and over the trained steps of the exact KL between
-        the sampling Gaussian ``N(mean_old, s²)`` and the updated policy's ``N(mean_new, s²)`` at the stored state,
-        averaged over latent elements (:func:`~flowrl.objectives.kl_to_reference` with the step std ``s``). Averaged
-        over processes, so every process adapts its learning rate alike. 0 before any update (the ratio is exactly 1
-        there); nonnegative float."""
+    def policy_kl(self, batch: Batch) -> dict[str, float]:
+        """How far this step's update moved the policy: the exact KL between the sampling Gaussian
+        ``N(mean_old, s²)`` and the updated policy's ``N(mean_new, s²)`` at the stored state, averaged over latent
+        elements (:func:`~flowrl.objectives.kl_to_reference` with the step std ``s``), over ``kl_probe_rows`` stored
+        trajectories (evenly spaced over the batch; all of them when there are fewer) and over processes (so every
+        process adapts its learning rate alike).
+
+        Returns ``{"policy_kl": mean over the trained steps, "policy_kl/step{k}": per trained step k}``, floats
+        >= 0; all 0 before any update (the stored means are reproduced exactly, as the ratio of 1 is)."""
         g = self.cfg.grpo
         guidance = self.guidance if self.cfg.sampling.train_cfg else 1.0
         bs, n = g.sample_batch_size, len(batch.prompts)
         picks = torch.linspace(0, n - 1, min(g.kl_probe_rows, n)).round().long().unique()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        S = batch.rollouts[0].latents.shape[1]
+        total = torch.zeros(S, dtype=torch.float64, device=self.device)
         count = 0
         for b, r in enumerate(batch.rollouts):
             local = picks[(picks >= b * bs) & (picks < (b + 1) * bs)] - b * bs
@@ -512,14 +515,18 @@ class Trainer:
                                       next_latents=sub.next_latents.to(self.device))
             cond = self._conds[b].select(local.to(self.device))
             uncond = self._uncond[b][local] if self._uncond and self._uncond[b] is not None else None
-            for j in range(sub.latents.shape[1]):
+            for j in range(S):
                 v = self.trained_velocity(sub.latents[:, j], sub.sigmas[j].to(self.device), cond, guidance,
                                           None if uncond is None else uncond[:, j])
                 _, mean, std = rescore(v, sub, j)
-                total += kl_to_reference(mean, sub.means[:, j].to(self.device), std).double().sum()
-                count += len(local)
+                total[j] += kl_to_reference(mean, sub.means[:, j].to(self.device), std).double().sum()
+            count += len(local)
         kl = total / max(count, 1)
-        return float(self.accelerator.reduce(kl, "mean")) if self.world > 1 else float(kl)
+        if self.world > 1:
+            kl = self.accelerator.reduce(kl, "mean")
+        out = {f"policy_kl/step{int(k)}": float(v) for k, v in zip(batch.rollouts[0].step_indices, kl)}
+        out["policy_kl"] = float(kl.mean())
+        return out
 
     def apply_lr_scale(self) -> None:
         """Set each parameter group's learning rate to the scheduler's times ``lr_scale`` (``target_kl``)."""

@@ -70,9 +70,13 @@ def test_probe_is_zero_on_policy_and_grows_as_the_square_of_the_step(tiny_model,
     for lr in ("1e-4", "2e-4"):
         tr = _trainer(tiny_model, tmp_path / lr, "--learning_rate", lr, "--adam_weight_decay", "0")
         batch, _ = tr.sample_and_score(1)
-        assert tr.policy_kl(batch) == 0.0
+        before = tr.policy_kl(batch)
+        assert set(before) == {"policy_kl", "policy_kl/step0", "policy_kl/step1"}  # steps 0-1 of 3 are trained
+        assert all(v == 0.0 for v in before.values())
         stats = tr.update(batch)
-        assert stats["policy_kl"] == tr.policy_kl(batch) > 0
+        after = tr.policy_kl(batch)
+        assert stats["policy_kl"] == after["policy_kl"] > 0
+        assert after["policy_kl"] == pytest.approx((after["policy_kl/step0"] + after["policy_kl/step1"]) / 2)
         kls.append(stats["policy_kl"])
     assert kls[1] / kls[0] == pytest.approx(4.0, rel=0.02)
 
