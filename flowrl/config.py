@@ -179,9 +179,12 @@ class GRPOConfig:
     kl_probe_rows: int = 0
     """After each step's update, the exact KL between the sampling policy's Gaussian step and the updated policy's
     on this many stored trajectories (evenly spaced over the batch), at every trained step: ``train/policy_kl``,
-    mean over latent elements, rows and steps (the units of ``kl``), and ``train/policy_kl/stepK`` per trained step. It measures how far one step moved the policy,
-    which ``approx_kl`` cannot with one pass per batch (it is 0 there). Costs one forward without gradient per row
-    and trained step. 0 = off. Linear plans (full, window) of the image trainer with objective grpo."""
+    mean over latent elements, rows and steps (the units of ``kl``), and ``train/policy_kl/stepK`` per trained step.
+    It measures how far one step moved the policy, which ``approx_kl`` cannot with one pass per batch (it is 0
+    there). Also ``train/policy_ref_kl``, the updated policy's KL to the reference (base) on the same rows: its
+    drift (a full fine-tune keeps a frozen copy of the transformer for it, as for ``beta`` > 0). Costs two forwards
+    without gradient per row and trained step. 0 = off. Linear plans (full, window) of the image trainer with
+    objective grpo."""
     target_kl: float | None = None
     """KL-adaptive learning rate (flowrl.objectives.adaptive_lr_scale): after each step the learning rate's
     multiplier is divided by 1.5 when ``train/policy_kl`` > 2 x target_kl and multiplied by 1.5 when it is below

@@ -138,7 +138,7 @@ class Trainer:
             weight_dtype=weight_dtype,
             device=self.device,
             gradient_checkpointing=cfg.model.gradient_checkpointing,
-            need_reference=cfg.grpo.beta > 0,
+            need_reference=cfg.grpo.beta > 0 or cfg.grpo.kl_probe_rows > 0,
             # issue 4 (memory): xformers attention; text encoders on the CPU (also while precomputing) + cache
             enable_xformers_memory_efficient_attention=cfg.model.enable_xformers_memory_efficient_attention,
             text_encoder_offload=cfg.model.text_encoder_offload or cfg.model.precompute_prompt_embeds,
@@ -497,14 +497,20 @@ class Trainer:
         trajectories (evenly spaced over the batch; all of them when there are fewer) and over processes (so every
         process adapts its learning rate alike).
 
-        Returns ``{"policy_kl": mean over the trained steps, "policy_kl/step{k}": per trained step k}``, floats
-        >= 0; all 0 before any update (the stored means are reproduced exactly, as the ratio of 1 is)."""
+        Also how far the policy has drifted from the reference (the base: LoRA disabled, or the frozen copy of a full
+        fine-tune) on the same rows: the same KL between the updated policy's step and the reference's.
+
+        Returns ``{"policy_kl": mean over the trained steps, "policy_kl/step{k}": per trained step k,
+        "policy_ref_kl": the drift, mean over the trained steps}``, floats >= 0; ``policy_kl`` is 0 before any
+        update (the stored means are reproduced exactly, as the ratio of 1 is), and after the first update from the
+        base ``policy_ref_kl`` equals it."""
         g = self.cfg.grpo
         guidance = self.guidance if self.cfg.sampling.train_cfg else 1.0
         bs, n = g.sample_batch_size, len(batch.prompts)
         picks = torch.linspace(0, n - 1, min(g.kl_probe_rows, n)).round().long().unique()
         S = batch.rollouts[0].latents.shape[1]
         total = torch.zeros(S, dtype=torch.float64, device=self.device)
+        ref_total = torch.zeros(S, dtype=torch.float64, device=self.device)
         count = 0
         for b, r in enumerate(batch.rollouts):
             local = picks[(picks >= b * bs) & (picks < (b + 1) * bs)] - b * bs
@@ -520,12 +526,17 @@ class Trainer:
                                           None if uncond is None else uncond[:, j])
                 _, mean, std = rescore(v, sub, j)
                 total[j] += kl_to_reference(mean, sub.means[:, j].to(self.device), std).double().sum()
+                with self.policy.reference(), self.accelerator.autocast():
+                    v_ref = self.policy.velocity(sub.latents[:, j], sub.sigmas[j].to(self.device), cond, guidance)
+                _, ref_mean, _ = rescore(v_ref, sub, j)
+                ref_total[j] += kl_to_reference(mean, ref_mean, std).double().sum()
             count += len(local)
-        kl = total / max(count, 1)
+        kl = torch.stack([total, ref_total]) / max(count, 1)
         if self.world > 1:
             kl = self.accelerator.reduce(kl, "mean")
-        out = {f"policy_kl/step{int(k)}": float(v) for k, v in zip(batch.rollouts[0].step_indices, kl)}
-        out["policy_kl"] = float(kl.mean())
+        out = {f"policy_kl/step{int(k)}": float(v) for k, v in zip(batch.rollouts[0].step_indices, kl[0])}
+        out["policy_kl"] = float(kl[0].mean())
+        out["policy_ref_kl"] = float(kl[1].mean())
         return out
 
     def apply_lr_scale(self) -> None:

@@ -71,14 +71,30 @@ def test_probe_is_zero_on_policy_and_grows_as_the_square_of_the_step(tiny_model,
         tr = _trainer(tiny_model, tmp_path / lr, "--learning_rate", lr, "--adam_weight_decay", "0")
         batch, _ = tr.sample_and_score(1)
         before = tr.policy_kl(batch)
-        assert set(before) == {"policy_kl", "policy_kl/step0", "policy_kl/step1"}  # steps 0-1 of 3 are trained
+        # steps 0-1 of 3 are trained; the policy is still the base, so its drift is 0 too
+        assert set(before) == {"policy_kl", "policy_kl/step0", "policy_kl/step1", "policy_ref_kl"}
         assert all(v == 0.0 for v in before.values())
         stats = tr.update(batch)
         after = tr.policy_kl(batch)
         assert stats["policy_kl"] == after["policy_kl"] > 0
         assert after["policy_kl"] == pytest.approx((after["policy_kl/step0"] + after["policy_kl/step1"]) / 2)
+        assert after["policy_ref_kl"] == pytest.approx(after["policy_kl"], rel=1e-9)  # one step from the base
         kls.append(stats["policy_kl"])
     assert kls[1] / kls[0] == pytest.approx(4.0, rel=0.02)
+
+
+def test_full_finetune_probe_measures_the_drift_from_a_frozen_copy(tiny_model, tmp_path):
+    """A full fine-tune has no adapter to disable: the probe keeps a frozen copy of the base. The drift grows over
+    steps while each step's own KL is measured against the weights that sampled it."""
+    tr = _trainer(tiny_model, tmp_path, "--rank", "0", "--learning_rate", "1e-3")
+    stats = []
+    for step in (1, 2, 3):
+        batch, _ = tr.sample_and_score(step)
+        if step == 1:
+            assert tr.policy_kl(batch)["policy_ref_kl"] == 0.0
+        stats.append(tr.update(batch))
+    assert stats[0]["policy_ref_kl"] == pytest.approx(stats[0]["policy_kl"], rel=1e-9)
+    assert stats[2]["policy_ref_kl"] > stats[2]["policy_kl"] > 0
 
 
 def test_probe_does_not_change_training_and_target_kl_steers_the_learning_rate(tiny_model, tmp_path):
