@@ -35,8 +35,8 @@ from .checkpoint import find_checkpoint, save_checkpoint, truncate_metrics
 from .config import ConfigError, TrainConfig, to_dict
 from .embedded import EMBEDDED_MODEL_DIR
 from .evaluate import atomic_write_text, generate, make_grid, save_image_atomic, score_all, summarize
-from .objectives import (adaptive_lr_scale, clipped_surrogate, guard_normalized_log_ratio, kl_to_reference, kl_velocity, nft_loss,
-                         step_weights)
+from .objectives import (adaptive_lr_scale, clipped_surrogate, guard_normalized_log_ratio, kl_to_reference,
+                         kl_velocity, nft_loss, step_weights)
 from .policies.base import combine_cfg
 from .policies.sd3 import read_model_defaults
 from .prompts import load_prompts
