@@ -453,9 +453,7 @@ class Trainer:
                 clip_range_high=g.clip_range_high, mask=valid, step_weights=w_j,
             )
             if g.beta > 0:
-                with torch.no_grad(), self.policy.reference(), self.accelerator.autocast():
-                    v_ref = self.policy.velocity(x, sigma, cond, guidance)
-                _, ref_mean, _ = rescore(v_ref, rj, j)
+                ref_mean = self.reference_step_mean(rj, j, x, sigma, cond, guidance)
                 kl = kl_to_reference(mean, ref_mean, std.clamp_min(1e-12))
                 kl_mean = (kl * valid).sum() / valid.sum().clamp_min(1)
                 loss = loss + g.beta * kl_mean
@@ -488,6 +486,14 @@ class Trainer:
         with self.accelerator.autocast():
             v_c, _, cfg_scale = self.policy.cfg_parts(x, sigma, cond, guidance, with_uncond=False)
         return combine_cfg(v_c, uncond.to(self.device), cfg_scale)
+
+    @torch.no_grad()
+    def reference_step_mean(self, r: Rollout, j: int, x: Tensor, sigma: Tensor, cond, guidance: float) -> Tensor:
+        """The reference policy's (base: LoRA disabled, or the frozen copy) Gaussian step mean [B, *D] at the stored
+        state ``x`` = ``r.latents[:, j]`` (on the device): the ``beta`` KL's and the probe's drift's anchor."""
+        with self.policy.reference(), self.accelerator.autocast():
+            v_ref = self.policy.velocity(x, sigma, cond, guidance)
+        return rescore(v_ref, r, j)[1]
 
     @torch.no_grad()
     def policy_kl(self, batch: Batch) -> dict[str, float]:
@@ -526,9 +532,8 @@ class Trainer:
                                           None if uncond is None else uncond[:, j])
                 _, mean, std = rescore(v, sub, j)
                 total[j] += kl_to_reference(mean, sub.means[:, j].to(self.device), std).double().sum()
-                with self.policy.reference(), self.accelerator.autocast():
-                    v_ref = self.policy.velocity(sub.latents[:, j], sub.sigmas[j].to(self.device), cond, guidance)
-                _, ref_mean, _ = rescore(v_ref, sub, j)
+                ref_mean = self.reference_step_mean(sub, j, sub.latents[:, j], sub.sigmas[j].to(self.device), cond,
+                                                    guidance)
                 ref_total[j] += kl_to_reference(mean, ref_mean, std).double().sum()
             count += len(local)
         kl = torch.stack([total, ref_total]) / max(count, 1)
